@@ -1,0 +1,142 @@
+"""Where a stage's weights come from: an embedded preset (random-init) or a local diffusers-format checkpoint.
+
+Nothing is ever downloaded: a checkpoint is read with `from_pretrained(<local dir>, local_files_only=True)`, and a
+missing or partial directory is a start-up error that names every missing part.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from diffusers import AutoencoderOobleck, FlowMatchEulerDiscreteScheduler
+from diffusers.models.transformers.ace_step_transformer import AceStepTransformer1DModel
+from diffusers.pipelines.ace_step import AceStepConditionEncoder
+from diffusers.pipelines.ace_step.modeling_ace_step import AceStepAudioTokenDetokenizer, AceStepAudioTokenizer
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import AutoModel, AutoTokenizer
+
+from models.presets import PRESETS, build_preset
+
+logger = logging.getLogger(__name__)
+
+# Component -> (loader, required). The two audio-token modules are optional in diffusers too (cover from source audio).
+_LOADERS: dict[str, tuple[Any, bool]] = {
+    "transformer": (AceStepTransformer1DModel, True),
+    "condition_encoder": (AceStepConditionEncoder, True),
+    "vae": (AutoencoderOobleck, True),
+    "text_encoder": (AutoModel, True),
+    "tokenizer": (AutoTokenizer, True),
+    "scheduler": (FlowMatchEulerDiscreteScheduler, True),
+    "audio_tokenizer": (AceStepAudioTokenizer, False),
+    "audio_token_detokenizer": (AceStepAudioTokenDetokenizer, False),
+}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory is missing, incomplete or unreadable."""
+
+
+class ModelConfig(BaseModel):
+    """Which weights every stage loads, and how."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: Literal[tuple(PRESETS)] = Field("tiny", description="Embedded random-init preset, used when "
+                                            "checkpoint_dir is not set. `tiny` runs anywhere and makes noise.")
+    checkpoint_dir: str | None = Field(None, description="Local diffusers-format ACE-Step 1.5 directory "
+                                       "(transformer/, condition_encoder/, vae/, text_encoder/, tokenizer/, "
+                                       "scheduler/). Overrides `preset`.")
+    seed: int = Field(0, ge=0, description="Seed for the random init of a preset.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype (bf16 on GPU).")
+    device: str = Field("auto", description="`auto` (cuda when available, else cpu), `cpu`, `cuda`, `cuda:N`.")
+
+    @property
+    def name(self) -> str:
+        """What `/v1/models` and `dit_model` report."""
+        return Path(self.checkpoint_dir).name if self.checkpoint_dir else f"acestep-v15-{self.preset}"
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+def check_checkpoint_dir(checkpoint_dir: str | Path, parts: list[str]) -> Path:
+    """Raise `CheckpointError` naming every required part of `parts` that the directory lacks."""
+    root = Path(checkpoint_dir).expanduser()
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint_dir {str(root)!r} is not a directory")
+    missing = [p for p in parts if _LOADERS[p][1] and not (root / p).is_dir()]
+    missing += [f"{p}/config.json" for p in parts if p not in ("tokenizer", "scheduler") and (root / p).is_dir()
+                and not (root / p / "config.json").is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint_dir {str(root)!r} is incomplete: missing {', '.join(missing)}")
+    return root
+
+
+def load_components(config: ModelConfig, parts: list[str]) -> dict[str, Any]:
+    """The requested components, on the configured device and dtype; optional parts absent from a checkpoint are None."""
+    start = time.perf_counter()
+    if config.checkpoint_dir is None:
+        built = build_preset(config.preset, seed=config.seed)
+        components = {p: built[p] for p in parts}
+    else:
+        root = check_checkpoint_dir(config.checkpoint_dir, parts)
+        components = {}
+        for part in parts:
+            loader, _required = _LOADERS[part]
+            if not (root / part).is_dir():
+                components[part] = None
+                continue
+            try:
+                if part in ("text_encoder", "tokenizer"):
+                    components[part] = loader.from_pretrained(root / part, local_files_only=True)
+                else:
+                    components[part] = loader.from_pretrained(root, subfolder=part, local_files_only=True)
+            except Exception as exc:  # a corrupt file: say which part, keep the cause
+                raise CheckpointError(f"cannot load {part} from {str(root)!r}: {exc}") from exc
+    device, dtype = config.torch_device(), _DTYPES[config.dtype]
+    for part, module in components.items():
+        if isinstance(module, torch.nn.Module):
+            # The VAE stays float32: its decode is the audio, and it is cheap next to the DiT.
+            module.to(device=device, dtype=torch.float32 if part == "vae" else dtype).eval().requires_grad_(False)
+    logger.info("loaded %s from %s in %.2f s", ",".join(parts), config.name, time.perf_counter() - start)
+    return components
+
+
+def save_components(components: dict[str, Any], directory: str | Path) -> Path:
+    """Write a component set in the diffusers layout that `checkpoint_dir` loads (used by tests and operators)."""
+    from diffusers import AceStepPipeline
+
+    AceStepPipeline(**components).save_pretrained(directory)
+    return Path(directory)
+
+
+def load_vae_config(config: ModelConfig) -> dict[str, Any]:
+    """The VAE config alone: sample rate, hop and channels for stages that do not load the VAE weights."""
+    if config.checkpoint_dir is None:
+        return {**PRESETS[config.preset]["vae"]}
+    root = check_checkpoint_dir(config.checkpoint_dir, ["vae"])
+    return dict(AutoencoderOobleck.load_config(root, subfolder="vae", local_files_only=True))
+
+
+def pipeline_view(components: dict[str, Any], vae_config: dict[str, Any]):
+    """An `AceStepPipeline` over the components one stage holds (the others None), to call its helper methods.
+
+    The pipeline reads the sample rate and latent frame rate from its VAE; a stage without the VAE gets them from
+    the VAE config instead of the pipeline's built-in 48 kHz fallback.
+    """
+    from diffusers import AceStepPipeline
+
+    kwargs = {name: components.get(name) for name in _LOADERS}
+    pipe = AceStepPipeline(**kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.sample_rate = int(vae_config["sampling_rate"])
+    pipe.latents_per_second = pipe.sample_rate / math.prod(vae_config["downsampling_ratios"])
+    return pipe
