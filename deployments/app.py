@@ -1,0 +1,41 @@
+"""The application builder: `serve_config.yaml`'s `args` -> the Ray Serve deployment graph.
+
+    Ingress (HTTP) ──▶ JobRegistry actor ◀── JobDriver ──▶ ConditionEncoder ─▶ DiT ─▶ AudioCodec
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray.serve import Application
+
+from deployments.audio_codec import AudioCodec
+from deployments.condition_encoder import ConditionEncoder
+from deployments.dit import DiT
+from deployments.driver import JobDriver
+from deployments.ingress import Ingress
+from jobs.config import FilesConfig, QueueConfig
+from models.loading import ModelConfig
+
+
+class AppArgs(BaseModel):
+    """Everything the application is configured with (the `args:` block of serve_config.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("acestep", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Names the job registry actor; "
+                      "two apps on one cluster need different names.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    queue: QueueConfig = Field(default_factory=QueueConfig)
+    files: FilesConfig = Field(default_factory=FilesConfig)
+
+
+def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
+    app_args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
+    app_args = app_args.model_copy(update={"files": app_args.files.resolved()})
+    condition = ConditionEncoder.bind(app_args.model)
+    dit = DiT.bind(app_args.model, app_args.name, app_args.queue)
+    codec = AudioCodec.bind(app_args.model)
+    driver = JobDriver.bind(app_args.model, app_args.queue, app_args.files, app_args.name, condition, dit, codec)
+    return Ingress.bind(app_args, driver)

@@ -1,0 +1,45 @@
+"""Configuration of the job layer: queue, dispatch, files. Supplied by `serve_config.yaml` through `AppArgs`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class QueueConfig(BaseModel):
+    """How jobs are admitted, dispatched and retried."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_queued_jobs: int = Field(200, ge=1, description="Jobs waiting beyond this are refused with 429 "
+                                 "(upstream ACESTEP_QUEUE_MAXSIZE).")
+    max_running_jobs: int = Field(4, ge=1, description="Jobs the drivers run at once across the pipeline; the rest "
+                                  "wait in the registry, so queue_position means something.")
+    initial_avg_job_seconds: float = Field(5.0, gt=0, description="ETA basis before any job has finished.")
+    avg_window: int = Field(50, ge=1, description="Finished jobs in the rolling mean of job time.")
+    lease_seconds: float = Field(60.0, gt=0, description="A running job whose driver sends no heartbeat for this "
+                                 "long is requeued (or failed after max_attempts).")
+    max_attempts: int = Field(2, ge=1, description="Attempts per job before a lost lease fails it.")
+    default_duration_s: float = Field(30.0, ge=1, le=600, description="Duration of a text2music job that gives none.")
+    max_duration_s: float = Field(600.0, ge=1, le=600, description="Longest audio_duration accepted.")
+    max_outputs_per_job: int = Field(8, ge=1, le=8, description="Largest batch_size accepted.")
+
+
+class FilesConfig(BaseModel):
+    """Where audio is written and read, and how much a client may send."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    output_dir: str = Field("var/results", description="ResultStore root: generated audio, served by /v1/audio.")
+    upload_dir: str = Field("var/uploads", description="Uploaded reference/source audio, removed when the job ends.")
+    allowed_input_dirs: list[str] = Field(default_factory=list, description="Directories that *_audio_path "
+                                          "parameters may point into (after resolving symlinks and '..').")
+    max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1024, description="Largest uploaded audio file (413 above).")
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest JSON / urlencoded body (413 above).")
+
+    def resolved(self) -> "FilesConfig":
+        """Relative directories made absolute against the builder's working directory, so every replica agrees."""
+        return self.model_copy(update={
+            "output_dir": str(Path(self.output_dir).resolve()), "upload_dir": str(Path(self.upload_dir).resolve()),
+            "allowed_input_dirs": [str(Path(d).resolve()) for d in self.allowed_input_dirs]})

@@ -1,0 +1,180 @@
+"""The HTTP contract's data: the generate request (seed parameters + upstream L's aliases) and the job view."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+TASK_TYPES = ("text2music", "cover", "repaint")
+AUDIO_FORMATS = ("mp3", "wav", "flac")
+MAX_SEED = 2**31 - 1
+
+# Canonical name -> other keys upstream L (and HEAD) accepted for it, tried in this order after the canonical one.
+ALIASES: dict[str, tuple[str, ...]] = {
+    "caption": ("prompt",),
+    "vocal_language": ("vocalLanguage", "language"),
+    "key_scale": ("keyscale", "keyScale", "key"),
+    "time_signature": ("timesignature", "timeSignature"),
+    "audio_duration": ("duration", "audioDuration", "target_duration", "targetDuration"),
+    "inference_steps": ("inferenceSteps",),
+    "guidance_scale": ("guidanceScale",),
+    "use_random_seed": ("useRandomSeed",),
+    "batch_size": ("batchSize",),
+    "reference_audio_path": ("ref_audio_path", "referenceAudioPath", "refAudioPath"),
+    "src_audio_path": ("ctx_audio_path", "sourceAudioPath", "srcAudioPath", "ctxAudioPath"),
+    "task_type": ("taskType",),
+    "audio_cover_strength": ("audioCoverStrength",),
+    "repainting_start": ("repaintingStart",),
+    "repainting_end": ("repaintingEnd",),
+    "model": ("dit_model", "ditModel", "model_name", "modelName"),
+}
+# Where upstream L looked for nested metadata: the first truthy of these keys, a dict or a JSON object string.
+NESTED_KEYS = ("metas", "meta", "metadata", "user_metadata", "userMetadata")
+# Fields whose bad value is an unknown choice rather than a malformed value: 400, as the design asks.
+CHOICE_FIELDS = {"audio_format", "task_type", "model"}
+
+
+class GenerateRequest(BaseModel):
+    """`POST /v1/music/generate` parameters, with the seed document's defaults. Unknown keys are ignored."""
+
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=False)
+
+    caption: str = Field("", max_length=4096, description="Music description prompt.")
+    lyrics: str = Field("", max_length=16384, description="Lyrics; empty for instrumental.")
+    vocal_language: str = Field("en", max_length=16, description="Lyrics language code (en, zh, ja, ...).")
+    audio_format: Literal[AUDIO_FORMATS] = Field("mp3", description="Output file format.")
+    bpm: int | None = Field(None, ge=30, le=300, description="Tempo in beats per minute.")
+    key_scale: str = Field("", max_length=64, description='Key and scale, e.g. "C Major".')
+    time_signature: str = Field("", max_length=16, description='Time signature, e.g. "4".')
+    audio_duration: float | None = Field(None, ge=1.0, le=600.0, allow_inf_nan=False, description=(
+        "Seconds of audio. Null: the source audio's length, or the server's default duration."))
+    inference_steps: int = Field(8, ge=1, le=200, description="Diffusion steps (turbo models: 8).")
+    guidance_scale: float = Field(7.0, ge=0.0, le=30.0, allow_inf_nan=False, description=(
+        "Guidance (APG) scale for base models; turbo models ignore it, as upstream."))
+    shift: float = Field(3.0, gt=0.0, le=10.0, allow_inf_nan=False, description="Timestep schedule shift.")
+    cfg_interval_start: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False, description="Guidance from here.")
+    cfg_interval_end: float = Field(1.0, ge=0.0, le=1.0, allow_inf_nan=False, description="Guidance up to here.")
+    use_random_seed: bool = Field(True, description="Draw random seeds; false uses `seed`, `seed+1`, ...")
+    seed: int = Field(-1, ge=-1, le=MAX_SEED, description="First seed when use_random_seed is false; -1: random.")
+    batch_size: int | None = Field(None, ge=1, le=8, description="Number of outputs (null: 2).")
+    reference_audio_path: str | None = Field(None, max_length=4096, description=(
+        "Server-side reference audio for timbre (cover); must lie in an allowed input directory."))
+    src_audio_path: str | None = Field(None, max_length=4096, description=(
+        "Server-side source audio (repaint, cover); must lie in an allowed input directory."))
+    task_type: Literal[TASK_TYPES] = Field("text2music", description="text2music, cover or repaint.")
+    instruction: str | None = Field(None, max_length=1024, description="DiT instruction; null: the task's own.")
+    repainting_start: float = Field(0.0, ge=0.0, le=600.0, allow_inf_nan=False, description="Repaint from (s).")
+    repainting_end: float | None = Field(None, le=600.0, allow_inf_nan=False, description=(
+        "Repaint until (s); null or negative: the end of the source."))
+    audio_cover_strength: float = Field(1.0, ge=0.0, le=1.0, allow_inf_nan=False, description=(
+        "Cover: 1 follows the source fully; lower blends in text2music conditions."))
+    timesteps: list[float] | None = Field(None, min_length=1, max_length=200, description=(
+        "Custom timestep schedule in (0, 1], descending; overrides inference_steps and shift."))
+    model: str | None = Field(None, max_length=256, description="DiT model name from /v1/models; null: default.")
+
+    @field_validator("audio_format", "task_type", mode="before")
+    @classmethod
+    def _lowercase(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("timesteps", mode="before")
+    @classmethod
+    def _split_timesteps(cls, value: Any) -> Any:
+        return [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+    @field_validator("timesteps")
+    @classmethod
+    def _check_timesteps(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None:
+            if any(not (math.isfinite(t) and 0.0 < t <= 1.0) for t in value):
+                raise ValueError("every timestep must be in (0, 1]")
+            if any(b >= a for a, b in zip(value, value[1:])):
+                raise ValueError("timesteps must be strictly descending")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "GenerateRequest":
+        if self.repainting_end is not None and self.repainting_end < 0:
+            self.repainting_end = None  # upstream: negative means "to the end of the source"
+        if self.repainting_end is not None and self.repainting_end <= self.repainting_start:
+            raise ValueError(f"repainting_end ({self.repainting_end}) must be greater than repainting_start "
+                             f"({self.repainting_start})")
+        if self.cfg_interval_start > self.cfg_interval_end:
+            raise ValueError(f"cfg_interval_start ({self.cfg_interval_start}) must be <= cfg_interval_end "
+                             f"({self.cfg_interval_end})")
+        return self
+
+    @property
+    def num_outputs(self) -> int:
+        return 2 if self.batch_size is None else self.batch_size
+
+
+def normalize_payload(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Map upstream's spellings onto canonical names: canonical key, then aliases, then the same inside `metas`.
+
+    A null or empty-string value counts as absent (upstream fell back to the default for both), so the field's default
+    applies. Unknown keys are dropped.
+    """
+    nested: Mapping[str, Any] = {}
+    for key in NESTED_KEYS:
+        value = raw.get(key)
+        if isinstance(value, str) and value.strip().startswith("{"):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                value = None
+        if isinstance(value, Mapping) and value:
+            nested = value
+            break
+    out: dict[str, Any] = {}
+    for name in GenerateRequest.model_fields:
+        for source in (raw, nested):
+            for key in (name, *ALIASES.get(name, ())):
+                value = source.get(key)
+                if value is not None and value != "":
+                    out[name] = value
+                    break
+            if name in out:
+                break
+    return out
+
+
+def describe_validation_error(error: ValidationError) -> tuple[int, str]:
+    """(status, one-line detail) naming the field and the value it got."""
+    first = error.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or "body"
+    message = first["msg"].removeprefix("Value error, ")
+    status = 400 if first["loc"] and first["loc"][0] in CHOICE_FIELDS else 422
+    if first["type"] in ("missing",) or not first["loc"]:
+        return status, f"{field}: {message}"
+    return status, f"{field}: {message} (got {_short(first.get('input'))})"
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class JobProgress(BaseModel):
+    stage: str = Field(description="queued, encode_audio, condition, diffusion, decode, write, done")
+    step: int = Field(0, description="Diffusion step done (diffusion stage only).")
+    total: int = Field(0, description="Diffusion steps in all.")
+
+
+class JobView(BaseModel):
+    """`GET /v1/jobs/{job_id}`: every key is always present."""
+
+    job_id: str
+    status: Literal["queued", "running", "succeeded", "failed"]
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    queue_position: int
+    eta_seconds: float | None
+    avg_job_seconds: float
+    result: dict[str, Any] | None
+    error: str | None
+    progress: JobProgress | None
