@@ -144,6 +144,8 @@ class JobDriver:
             cfg_interval_end=request.cfg_interval_end, audio_cover_strength=request.audio_cover_strength,
             timesteps=request.timesteps, tag=job_id)))
         audio = await stage("decode", self.codec.decode.remote(latents))
+        # The latent grid is 1/25 s; the client asked for a duration, so cut the padding of the last frame.
+        audio = audio[..., : round(duration * self.sample_rate)]
 
         # 5. Files.
         keys = await stage("write", asyncio.to_thread(self._write, job_id, audio, request.audio_format))

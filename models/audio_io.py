@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import wave
 from pathlib import Path
 
 import numpy as np
@@ -35,16 +36,30 @@ def load_audio(source: str | Path | bytes, sample_rate: int, channels: int) -> n
 
 
 def _read(source: str | Path | bytes) -> tuple[np.ndarray, int]:
+    raw = source if isinstance(source, bytes) else Path(source).read_bytes()
     try:
-        handle = io.BytesIO(source) if isinstance(source, bytes) else source
-        data, sample_rate = sf.read(handle, dtype="float32", always_2d=True)
+        with sf.SoundFile(io.BytesIO(raw)) as handle:
+            declared, sample_rate, container = handle.frames, handle.samplerate, handle.format
+            data = handle.read(dtype="float32", always_2d=True)
     except Exception as exc:  # soundfile raises LibsndfileError, RuntimeError, TypeError, ... for bad input
         raise AudioDecodeError(f"not a readable audio file ({type(exc).__name__})") from exc
     if data.shape[0] == 0:
         raise AudioDecodeError("the audio file has no samples")
+    # Compressed formats estimate their length from headers (VBR MP3 without a Xing frame), hence the slack.
+    if data.shape[0] < 0.98 * declared or (container == "WAV" and data.shape[0] < _wav_declared_frames(raw)):
+        raise AudioDecodeError(f"the audio file is truncated ({data.shape[0]} frames present)")
     if not np.isfinite(data).all():
         raise AudioDecodeError("the audio file has non-finite samples")
     return data.T, int(sample_rate)
+
+
+def _wav_declared_frames(raw: bytes) -> int:
+    """Frames a PCM WAV header promises (libsndfile quietly shortens a cut file to what is present)."""
+    try:
+        with wave.open(io.BytesIO(raw)) as handle:
+            return handle.getnframes()
+    except (wave.Error, EOFError):  # float or extensible WAV: the stdlib cannot tell, soundfile's count stands
+        return 0
 
 
 def encode_audio(waveform: np.ndarray, sample_rate: int, fmt: str) -> bytes:

@@ -1,0 +1,67 @@
+"""Shared fixtures: one real Ray instance and Serve HTTP proxy per test session, apps deployed on demand."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve_http():
+    """Ray (8 logical CPUs on a 2-core box, every replica asks for 0) + Serve's HTTP proxy on a free port."""
+    import ray
+    from ray import serve
+
+    port = free_port()
+    ray.init(num_cpus=8, include_dashboard=False, object_store_memory=300 * 1024**2, log_to_driver=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+def deploy(args: dict, name: str, route_prefix: str, base_url: str, timeout: float = 180.0) -> str:
+    """Run `build_app(args)` as application `name` and wait until it answers /health."""
+    import httpx
+    from ray import serve
+
+    from deployments.app import build_app
+
+    serve.run(build_app(args), name=name, route_prefix=route_prefix, blocking=False)
+    url = base_url + (route_prefix if route_prefix != "/" else "")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"app {name} not healthy after {timeout} s")
+
+
+def wav_bytes(seconds: float = 1.0, sample_rate: int = 44100, channels: int = 1, fmt: str = "WAV") -> bytes:
+    """A real audio file: a 440 Hz tone, at a rate and channel count the service must convert."""
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    tone = 0.3 * np.sin(2 * np.pi * 440 * t)
+    data = np.stack([tone] * channels, axis=1) if channels > 1 else tone
+    buffer = io.BytesIO()
+    sf.write(buffer, data, sample_rate, format=fmt)
+    return buffer.getvalue()
