@@ -1,0 +1,63 @@
+"""Request normalisation and validation (no server)."""
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from jobs.schemas import GenerateRequest, describe_validation_error, normalize_payload
+
+
+def parse(raw: dict) -> GenerateRequest:
+    return GenerateRequest.model_validate(normalize_payload(raw))
+
+
+def test_seed_defaults():
+    r = parse({})
+    assert (r.caption, r.lyrics, r.vocal_language, r.audio_format, r.task_type) == ("", "", "en", "mp3", "text2music")
+    assert (r.inference_steps, r.guidance_scale, r.use_random_seed, r.seed) == (8, 7.0, True, -1)
+    assert r.batch_size is None and r.num_outputs == 2
+    assert (r.repainting_start, r.repainting_end, r.audio_cover_strength) == (0.0, None, 1.0)
+
+
+def test_canonical_wins_over_alias_and_alias_over_nested():
+    r = parse({"key_scale": "C", "keyscale": "D", "metas": {"keyScale": "E", "bpm": 90}, "bpm": None})
+    assert r.key_scale == "C" and r.bpm == 90
+
+
+@pytest.mark.parametrize("nested_key", ["metas", "meta", "metadata", "user_metadata", "userMetadata"])
+def test_nested_metadata_dict_or_json_string(nested_key):
+    assert parse({nested_key: {"duration": 12}}).audio_duration == 12
+    assert parse({nested_key: json.dumps({"timeSignature": "3"})}).time_signature == "3"
+
+
+def test_null_and_empty_mean_default_and_zero_is_kept():
+    r = parse({"inference_steps": None, "bpm": "", "seed": 0, "use_random_seed": "false",
+               "audio_cover_strength": 0, "guidance_scale": 0})
+    assert r.inference_steps == 8 and r.bpm is None
+    assert (r.seed, r.use_random_seed, r.audio_cover_strength, r.guidance_scale) == (0, False, 0.0, 0.0)  # no B5
+
+
+def test_form_strings_are_coerced():
+    r = parse({"inference_steps": "16", "audio_duration": "12.5", "use_random_seed": "no", "timesteps": "1,0.5,0.2"})
+    assert (r.inference_steps, r.audio_duration, r.use_random_seed) == (16, 12.5, False)
+    assert r.timesteps == [1.0, 0.5, 0.2]
+
+
+def test_negative_repainting_end_means_until_the_end():
+    assert parse({"repainting_end": -1}).repainting_end is None
+
+
+@pytest.mark.parametrize("raw,status,fragment", [
+    ({"audio_format": "ogg"}, 400, 'audio_format: Input should be'),
+    ({"task_type": "extract"}, 400, "task_type"),
+    ({"inference_steps": 0}, 422, "inference_steps: Input should be greater than or equal to 1 (got 0)"),
+    ({"audio_duration": float("nan")}, 422, "audio_duration"),
+    ({"timesteps": [0.5, 0.9]}, 422, "strictly descending"),
+    ({"cfg_interval_start": 0.8, "cfg_interval_end": 0.2}, 422, "cfg_interval_start"),
+])
+def test_errors_name_field_and_value(raw, status, fragment):
+    with pytest.raises(ValidationError) as info:
+        parse(raw)
+    got_status, detail = describe_validation_error(info.value)
+    assert got_status == status and fragment in detail
