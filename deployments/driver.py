@@ -43,7 +43,7 @@ class JobDriver:
         self.model, self.queue = model, queue
         self.condition, self.dit, self.codec = condition, dit, codec
         self.registry = registry_actor(registry_name, queue)
-        self.store = ResultStore(files.output_dir)
+        self.store = ResultStore(files.output_dir, files.storage_options)
         vae = load_vae_config(model)
         self.sample_rate, self.channels = int(vae["sampling_rate"]), int(vae["audio_channels"])
         self.driver_id = f"driver-{uuid.uuid4().hex[:12]}"

@@ -14,7 +14,7 @@ from urllib.parse import parse_qs
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -118,7 +118,7 @@ class Ingress:
         self.args = args
         self.driver = driver  # keeps the driver in the application graph; the ingress never calls it
         self.registry = registry_actor(args.name, args.queue)
-        self.store = ResultStore(args.files.output_dir)
+        self.store = ResultStore(args.files.output_dir, args.files.storage_options)
         self.upload_root = Path(args.files.upload_dir).resolve()
         self.upload_root.mkdir(parents=True, exist_ok=True)
         self.allowed_inputs = [Path(d).resolve() for d in args.files.allowed_input_dirs]
@@ -164,13 +164,15 @@ class Ingress:
         return JSONResponse(view)
 
     @api.get("/v1/audio", responses={403: {"description": "Not a result"}, 404: {"description": "Not found"}})
-    async def audio(self, path: str = Query(..., max_length=256)) -> FileResponse:
+    async def audio(self, path: str = Query(..., max_length=256)) -> Response:
         if not self.store.is_key(path):
             return _error(403, "Access denied: path is not a result of this service")
-        file = self.store.path(path)
-        if file is None:
-            return _error(404, "Audio file not found")
-        return FileResponse(file, media_type=media_type(file.suffix[1:]), filename=file.name)
+        mime = media_type(path.rsplit(".", 1)[1])
+        if self.store.is_local:
+            file = self.store.local_path(path)
+            return _error(404, "Audio file not found") if file is None else FileResponse(file, media_type=mime)
+        data = await asyncio.to_thread(self.store.get, path)
+        return _error(404, "Audio file not found") if data is None else Response(data, media_type=mime)
 
     @api.get("/health")
     async def health(self) -> dict[str, str]:

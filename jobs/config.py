@@ -31,7 +31,10 @@ class FilesConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    output_dir: str = Field("var/results", description="ResultStore root: generated audio, served by /v1/audio.")
+    output_dir: str = Field("var/results", description="ResultStore root, a directory or an fsspec URL "
+                            "(s3://bucket/prefix): generated audio, served by /v1/audio.")
+    storage_options: dict = Field(default_factory=dict, description="fsspec options for output_dir, e.g. "
+                                  "{client_kwargs: {endpoint_url: ...}} for an S3-compatible store.")
     upload_dir: str = Field("var/uploads", description="Uploaded reference/source audio, removed when the job ends.")
     allowed_input_dirs: list[str] = Field(default_factory=list, description="Directories that *_audio_path "
                                           "parameters may point into (after resolving symlinks and '..').")
@@ -41,5 +44,6 @@ class FilesConfig(BaseModel):
     def resolved(self) -> "FilesConfig":
         """Relative directories made absolute against the builder's working directory, so every replica agrees."""
         return self.model_copy(update={
-            "output_dir": str(Path(self.output_dir).resolve()), "upload_dir": str(Path(self.upload_dir).resolve()),
+            "output_dir": self.output_dir if "://" in self.output_dir else str(Path(self.output_dir).resolve()),
+            "upload_dir": str(Path(self.upload_dir).resolve()),
             "allowed_input_dirs": [str(Path(d).resolve()) for d in self.allowed_input_dirs]})

@@ -65,3 +65,36 @@ def wav_bytes(seconds: float = 1.0, sample_rate: int = 44100, channels: int = 1,
     buffer = io.BytesIO()
     sf.write(buffer, data, sample_rate, format=fmt)
     return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto in server mode) on loopback; yields fsspec storage options for it."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            httpx.get(endpoint, timeout=1)
+            break
+        except httpx.HTTPError:
+            if time.time() > deadline or process.poll() is not None:
+                process.kill()
+                raise RuntimeError("moto server did not start")
+            time.sleep(0.2)
+    options = {"key": "testing", "secret": "testing",
+               "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket="acestep-results")
+    yield options
+    process.terminate()
+    process.wait(timeout=10)
