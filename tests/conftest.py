@@ -29,7 +29,7 @@ def serve_http():
     from ray import serve
 
     port = free_port()
-    ray.init(num_cpus=8, include_dashboard=False, object_store_memory=300 * 1024**2, log_to_driver=False,
+    ray.init(address="local", num_cpus=8, include_dashboard=False, object_store_memory=300 * 1024**2, log_to_driver=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
