@@ -38,4 +38,4 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
     dit = DiT.bind(app_args.model, app_args.name, app_args.queue)
     codec = AudioCodec.bind(app_args.model)
     driver = JobDriver.bind(app_args.model, app_args.queue, app_args.files, app_args.name, condition, dit, codec)
-    return Ingress.bind(app_args, driver)
+    return Ingress.bind(app_args, driver, {"ConditionEncoder": condition, "DiT": dit, "AudioCodec": codec})

@@ -18,6 +18,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from jobs.config import FilesConfig, QueueConfig
+from jobs.metrics import metrics
 from jobs.registry import registry_actor
 from jobs.schemas import GenerateRequest
 from jobs.storage import ResultStore
@@ -116,7 +117,9 @@ class JobDriver:
                 logger.exception("job %s: stage %s failed", job_id, name)
                 raise StageError(f"{name}: {_one_line(exc)}") from exc
             finally:
-                timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+                elapsed = time.perf_counter() - start
+                timings[name] = timings.get(name, 0.0) + elapsed
+                metrics().stage_seconds.observe(elapsed, tags={"stage": name})
 
         # 1. Input audio -> latents (the source's length is the default duration).
         latents_in: dict[str, Any] = {}
@@ -127,7 +130,8 @@ class JobDriver:
                                                                          self.channels))
                 if kind == "source":
                     source_seconds = waveform.shape[1] / self.sample_rate
-                latents_in[kind] = await stage("encode_audio", self.codec.encode.remote(waveform, kind, seeds[0]))
+                latents_in[kind] = await stage("encode_audio", self.codec.encode.remote(waveform, kind, seeds[0],
+                                                                                       job_id))
         duration = request.audio_duration or source_seconds or self.queue.default_duration_s
 
         # 2. Conditions, 3. sampling, 4. decode.
@@ -137,19 +141,20 @@ class JobDriver:
             keyscale=request.key_scale or None, timesignature=request.time_signature or None,
             src_latents=latents_in.get("source"), reference_latents=latents_in.get("reference"),
             repainting_start=request.repainting_start, repainting_end=request.repainting_end,
-            audio_cover_strength=request.audio_cover_strength)))
+            audio_cover_strength=request.audio_cover_strength, tag=job_id)))
         latents = await stage("diffusion", self.dit.generate.remote(DiTRequest(
             condition=condition, seeds=seeds, num_inference_steps=request.inference_steps, shift=request.shift,
             guidance_scale=request.guidance_scale, cfg_interval_start=request.cfg_interval_start,
             cfg_interval_end=request.cfg_interval_end, audio_cover_strength=request.audio_cover_strength,
             timesteps=request.timesteps, tag=job_id)))
-        audio = await stage("decode", self.codec.decode.remote(latents))
+        audio = await stage("decode", self.codec.decode.remote((job_id, latents)))
         # The latent grid is 1/25 s; the client asked for a duration, so cut the padding of the last frame.
         audio = audio[..., : round(duration * self.sample_rate)]
 
         # 5. Files.
         keys = await stage("write", asyncio.to_thread(self._write, job_id, audio, request.audio_format))
         seconds = audio.shape[-1] / self.sample_rate
+        metrics().audio_seconds.inc(seconds * len(keys))
         logger.info("job %s: %d x %.1f s of audio; stage seconds %s", job_id, len(keys), seconds,
                     {k: round(v, 3) for k, v in timings.items()})
         return build_result(request, seeds, keys, seconds, self.model.name, timings)

@@ -114,9 +114,10 @@ def _seeds(params: GenerateRequest) -> list[int]:
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, args: AppArgs, driver: DeploymentHandle):
+    def __init__(self, args: AppArgs, driver: DeploymentHandle, stages: dict[str, DeploymentHandle]):
         self.args = args
         self.driver = driver  # keeps the driver in the application graph; the ingress never calls it
+        self.stages = stages
         self.registry = registry_actor(args.name, args.queue)
         self.store = ResultStore(args.files.output_dir, args.files.storage_options)
         self.upload_root = Path(args.files.upload_dir).resolve()
@@ -178,6 +179,17 @@ class Ingress:
     async def health(self) -> dict[str, str]:
         return {"status": "ok", "service": "ACE-Step API", "version": "1.0"}
 
+    @api.get("/readyz", responses={503: {"description": "A stage has no ready replica"}})
+    async def readyz(self) -> JSONResponse:
+        """200 once every stage has a replica that loaded its model and ran a warm-up step; 503 before."""
+        names = list(self.stages)
+        answers = await asyncio.gather(*(asyncio.wait_for(self.stages[n].ready.remote(), 2.0) for n in names),
+                                       return_exceptions=True)
+        missing = [n for n, ok in zip(names, answers) if ok is not True]
+        if missing:
+            return _error(503, f"not ready: {', '.join(missing)}")
+        return JSONResponse({"status": "ready", "stages": names})
+
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
         name = self.args.model.name
@@ -185,7 +197,13 @@ class Ingress:
 
     @api.get("/v1/stats")
     async def stats(self) -> dict[str, Any]:
-        return await self.registry.stats.remote()
+        """Upstream HEAD's counts, plus running replicas per deployment of this application."""
+        stats = await self.registry.stats.remote()
+        app = serve.get_replica_context().app_name
+        status = await asyncio.to_thread(serve.status)
+        deployments = status.applications[app].deployments if app in status.applications else {}
+        stats["replicas"] = {name: d.replica_states.get("RUNNING", 0) for name, d in deployments.items()}
+        return stats
 
     # -- request parsing ------------------------------------------------------------------------------------------
     async def _parse_body(self, request: Request) -> tuple[dict[str, Any], dict[str, bytes]]:

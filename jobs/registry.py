@@ -15,12 +15,12 @@ import shutil
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import ray
 
 from jobs.config import QueueConfig
+from jobs.metrics import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +61,11 @@ class JobRegistry:
     async def submit(self, job_id: str, spec: dict[str, Any], upload_dir: str | None = None) -> dict[str, Any]:
         """Enqueue, or refuse without keeping any record when the queue is full."""
         if len(self.queue) >= self.config.max_queued_jobs:
+            metrics().jobs.inc(tags={"outcome": "rejected"})
             return {"accepted": False, "retry_after_s": max(1, round(self.avg_job_seconds()))}
         self.jobs[job_id] = JobRecord(job_id=job_id, spec=spec, created_at=time.time(), upload_dir=upload_dir)
         self.queue.append(job_id)
+        metrics().queue_depth.set(len(self.queue))
         self._work.set()
         return {"accepted": True, "queue_position": len(self.queue)}
 
@@ -121,12 +123,15 @@ class JobRegistry:
         while room > 0 and (self.retry_queue or self.queue):
             job = self.jobs[(self.retry_queue or self.queue).popleft()]
             job.status, job.driver_id = "running", driver_id
-            job.started_at = job.started_at or now
+            if job.started_at is None:
+                job.started_at = now
+                metrics().job_queue_seconds.observe(now - job.created_at)
             job.attempts += 1
             job.lease_until = time.monotonic() + self.config.lease_seconds
             job.progress = {"stage": "starting", "step": 0, "total": 0}
             leased.append({"job_id": job.job_id, "spec": job.spec, "attempt": job.attempts})
             room -= 1
+        metrics().queue_depth.set(len(self.queue))
         return leased
 
     async def heartbeat(self, job_id: str, driver_id: str, progress: dict[str, Any] | None = None) -> bool:
@@ -199,8 +204,10 @@ class JobRegistry:
         job.status, job.finished_at, job.driver_id = status, time.time(), None
         job.progress = {"stage": "done", "step": 0, "total": 0}
         self.outcomes[status] += 1
+        metrics().jobs.inc(tags={"outcome": status})
         if job.started_at is not None:
             self.durations.append(job.finished_at - job.started_at)
+            metrics().job_seconds.observe(job.finished_at - job.started_at)
         if job.upload_dir:  # uploads live only as long as their job
             shutil.rmtree(job.upload_dir, ignore_errors=True)
         self._work.set()  # a slot is free
@@ -214,6 +221,3 @@ def registry_actor(name: str, config: QueueConfig) -> "ray.actor.ActorHandle":
     return actor_cls.options(name=f"registry-{name}", namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
                              num_cpus=0, max_restarts=-1, max_concurrency=1000).remote(config)
 
-
-def upload_path(root: str, job_id: str) -> Path:
-    return Path(root) / job_id

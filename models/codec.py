@@ -21,10 +21,17 @@ class AudioCodecEngine:
     """`AutoencoderOobleck` decode (+ the pipeline's output normalisation) and encode."""
 
     def __init__(self, config: ModelConfig):
-        self.config = config
+        self.config = config = config.for_stage("codec")
         self.vae = load_components(config, PARTS)["vae"]
         self.pipe = pipeline_view({"vae": self.vae}, load_vae_config(config))
         self.device = config.torch_device()
+        if config.compiled("codec"):
+            self.vae.decoder.compile()
+
+    def warm_up(self) -> None:
+        """Decode one second of zero latents before traffic arrives."""
+        frames = math.ceil(self.pipe.latents_per_second)
+        self.decode([np.zeros((1, frames, self.vae.config.decoder_input_channels), np.float32)])
 
     @property
     def sample_rate(self) -> int:

@@ -40,6 +40,7 @@ class ConditionRequest:
     repainting_start: float | None = None
     repainting_end: float | None = None
     audio_cover_strength: float = 1.0
+    tag: str = ""  # the job id, for logs
 
 
 @dataclass
@@ -60,11 +61,16 @@ class ConditionEngine:
     """Tokenizer + Qwen3 text encoder + ACE-Step condition encoder (+ audio tokenizer for cover from source audio)."""
 
     def __init__(self, config: ModelConfig):
-        self.config = config
+        self.config = config = config.for_stage("condition")
         self.components = load_components(config, PARTS)
         self.pipe = pipeline_view(self.components, load_vae_config(config))
         self.device = config.torch_device()
         self.dtype = self.components["condition_encoder"].dtype
+        if config.compiled("condition"):
+            self.components["text_encoder"].compile()
+
+    def warm_up(self) -> None:
+        self.encode([ConditionRequest(caption="warm-up", lyrics="", audio_duration=1.0)])
 
     @property
     def latents_per_second(self) -> float:

@@ -8,6 +8,7 @@ own seeds, so a job's latents do not depend on what it was batched with.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -43,18 +44,20 @@ class DiTRequest:
     tag: str = field(default="", compare=False)  # the job id, for progress reports and logs
 
 
-StepCallback = Callable[[list[str], int, int], None]
+StepCallback = Callable[[list[str], int, int, float], None]  # (job tags, step, total, step seconds)
 
 
 class DiTEngine:
     """`AceStepTransformer1DModel` + the ACE-Step timestep schedule + Euler steps (+ APG guidance for base models)."""
 
     def __init__(self, config: ModelConfig):
-        self.config = config
+        self.config = config = config.for_stage("dit")
         self.components = load_components(config, PARTS)
         self.pipe = pipeline_view(self.components, load_vae_config(config))
         self.transformer = self.components["transformer"]
         self.device = config.torch_device()
+        if config.compiled("dit"):
+            self.transformer.compile()
 
     @property
     def is_turbo(self) -> bool:
@@ -72,6 +75,15 @@ class DiTEngine:
                 request.num_inference_steps, request.shift, self.effective_guidance(request.guidance_scale),
                 request.cfg_interval_start, request.cfg_interval_end, request.audio_cover_strength,
                 tuple(request.timesteps) if request.timesteps else None)
+
+    def warm_up(self) -> None:
+        """One step on one second of zeros: allocations (and compilation, if on) happen before traffic does."""
+        frames, cfg = math.ceil(self.pipe.latents_per_second), self.transformer.config
+        width = cfg.encoder_hidden_size or cfg.hidden_size
+        condition = ConditionResult(encoder_hidden_states=np.zeros((8, width), np.float32),
+                                    context_latents=np.zeros((frames, 2 * cfg.audio_acoustic_hidden_dim), np.float32),
+                                    null_embedding=np.zeros((width,), np.float32))
+        self.generate([DiTRequest(condition=condition, seeds=[0], num_inference_steps=1, tag="warm-up")])
 
     def generate(self, requests: list[DiTRequest], on_step: StepCallback | None = None) -> list[np.ndarray]:
         """Latents `(len(seeds), frames, latent_channels)` per request, in order."""
@@ -127,6 +139,7 @@ class DiTEngine:
         # 3. Denoise.
         momentum_buffer = MomentumBuffer(momentum=-0.75) if do_cfg else None
         for step, t in enumerate(scheduler.timesteps):
+            step_start = time.perf_counter()
             t_batch = float(t) * torch.ones((batch_size,), device=device, dtype=dtype)
             apply_cfg = do_cfg and first.cfg_interval_start <= 1.0 - float(t) <= first.cfg_interval_end
             if apply_cfg:
@@ -145,9 +158,9 @@ class DiTEngine:
                 velocity = strength * velocity + (1.0 - strength) * text2music
             xt = scheduler.step(velocity, t, xt, return_dict=False)[0]
             if on_step is not None:
-                on_step(tags, step + 1, total)
-        logger.info("dit batch of %d outputs (%d jobs) x %d frames x %d steps in %.2f s",
-                    batch_size, len(requests), latent_length, total, time.perf_counter() - start)
+                on_step(tags, step + 1, total, time.perf_counter() - step_start)
+        logger.info("dit batch of %d outputs x %d frames x %d steps in %.2f s, jobs %s",
+                    batch_size, latent_length, total, time.perf_counter() - start, tags)
         return xt.float().cpu().numpy()
 
     def _forward(self, hidden_states, timestep, encoder_hidden_states, context_latents) -> torch.Tensor:

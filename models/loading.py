@@ -42,6 +42,16 @@ class CheckpointError(RuntimeError):
     """A checkpoint directory is missing, incomplete or unreadable."""
 
 
+class StageOptions(BaseModel):
+    """Per-stage overrides of the model-wide settings (e.g. the DiT in bf16 on a GPU, the text encoder on CPU)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="Weights dtype.")
+    device: str | None = Field(None, description="`cpu`, `cuda`, `cuda:N` or `auto`.")
+    compile: bool = Field(False, description="torch.compile the stage's main module (opt-in; slow first call).")
+
+
 class ModelConfig(BaseModel):
     """Which weights every stage loads, and how."""
 
@@ -55,6 +65,19 @@ class ModelConfig(BaseModel):
     seed: int = Field(0, ge=0, description="Seed for the random init of a preset.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype (bf16 on GPU).")
     device: str = Field("auto", description="`auto` (cuda when available, else cpu), `cpu`, `cuda`, `cuda:N`.")
+
+    stages: dict[Literal["condition", "dit", "codec"], StageOptions] = Field(
+        default_factory=dict, description="Per-stage dtype / device / compile overrides. The VAE (codec) runs "
+        "float32 unless its stage sets a dtype: its output is the audio.")
+
+    def for_stage(self, stage: str) -> "ModelConfig":
+        """This config with the stage's overrides applied (and the codec's float32 default)."""
+        options = self.stages.get(stage, StageOptions())
+        dtype = options.dtype or ("float32" if stage == "codec" else self.dtype)
+        return self.model_copy(update={"dtype": dtype, "device": options.device or self.device})
+
+    def compiled(self, stage: str) -> bool:
+        return self.stages.get(stage, StageOptions()).compile
 
     @property
     def name(self) -> str:
@@ -102,10 +125,9 @@ def load_components(config: ModelConfig, parts: list[str]) -> dict[str, Any]:
             except Exception as exc:  # a corrupt file: say which part, keep the cause
                 raise CheckpointError(f"cannot load {part} from {str(root)!r}: {exc}") from exc
     device, dtype = config.torch_device(), _DTYPES[config.dtype]
-    for part, module in components.items():
+    for module in components.values():
         if isinstance(module, torch.nn.Module):
-            # The VAE stays float32: its decode is the audio, and it is cheap next to the DiT.
-            module.to(device=device, dtype=torch.float32 if part == "vae" else dtype).eval().requires_grad_(False)
+            module.to(device=device, dtype=dtype).eval().requires_grad_(False)
     logger.info("loaded %s from %s in %.2f s", ",".join(parts), config.name, time.perf_counter() - start)
     return components
 

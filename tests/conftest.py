@@ -22,6 +22,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+METRICS_PORT = free_port()  # Ray's Prometheus export port in the test cluster
+
+
 @pytest.fixture(scope="session")
 def serve_http():
     """Ray (8 logical CPUs on a 2-core box, every replica asks for 0) + Serve's HTTP proxy on a free port."""
@@ -30,11 +33,18 @@ def serve_http():
 
     port = free_port()
     ray.init(address="local", num_cpus=8, include_dashboard=False, object_store_memory=300 * 1024**2, log_to_driver=False,
+             _metrics_export_port=METRICS_PORT,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def metrics_url(serve_http) -> str:
+    """Ray's Prometheus endpoint of the test cluster (read here: conftest may be imported twice under two names)."""
+    return f"http://127.0.0.1:{METRICS_PORT}/metrics"
 
 
 def deploy(args: dict, name: str, route_prefix: str, base_url: str, timeout: float = 180.0) -> str:

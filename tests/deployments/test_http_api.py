@@ -272,3 +272,11 @@ def test_paths_outside_allowed_dirs_are_403(client, dirs):
 def test_tasks_needing_audio_say_so(client):
     response = submit(client, json={"task_type": "repaint"})
     assert response.status_code == 400 and "src_audio" in response.json()["detail"]
+
+
+def test_readyz_and_replicas(client):
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    assert set(ready.json()["stages"]) == {"ConditionEncoder", "DiT", "AudioCodec"}
+    replicas = client.get("/v1/stats").json()["replicas"]
+    assert replicas == {"Ingress": 1, "JobDriver": 1, "ConditionEncoder": 1, "DiT": 1, "AudioCodec": 1}

@@ -16,7 +16,9 @@ def app_deployments(app: Application) -> dict[str, object]:
     while pending:
         deployment = pending.pop()._bound_deployment
         found[deployment.name] = deployment
-        pending += [a for a in (*deployment.init_args, *deployment.init_kwargs.values()) if isinstance(a, Application)]
+        for arg in (*deployment.init_args, *deployment.init_kwargs.values()):
+            values = arg.values() if isinstance(arg, dict) else [arg]
+            pending += [a for a in values if isinstance(a, Application)]
     return found
 
 
