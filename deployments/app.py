@@ -10,13 +10,14 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 
+from deployments import envs
 from deployments.audio_codec import AudioCodec
 from deployments.condition_encoder import ConditionEncoder
 from deployments.dit import DiT
 from deployments.driver import JobDriver
 from deployments.ingress import Ingress
 from jobs.config import FilesConfig, QueueConfig
-from models.loading import ModelConfig
+from models.loading import ModelConfig, check_checkpoint_dir
 
 
 class AppArgs(BaseModel):
@@ -33,7 +34,13 @@ class AppArgs(BaseModel):
 
 def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
     app_args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
-    app_args = app_args.model_copy(update={"files": app_args.files.resolved()})
+    model = app_args.model
+    if envs.ACESTEP_CHECKPOINT_DIR:
+        model = model.model_copy(update={"checkpoint_dir": envs.ACESTEP_CHECKPOINT_DIR})
+    if model.checkpoint_dir:  # fail at deploy time, naming what is missing, rather than in every replica
+        check_checkpoint_dir(model.checkpoint_dir, ["transformer", "condition_encoder", "vae", "text_encoder",
+                                                    "tokenizer", "scheduler"])
+    app_args = app_args.model_copy(update={"files": app_args.files.resolved(), "model": model})
     condition = ConditionEncoder.bind(app_args.model)
     dit = DiT.bind(app_args.model, app_args.name, app_args.queue)
     codec = AudioCodec.bind(app_args.model)

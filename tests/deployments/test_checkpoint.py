@@ -1,0 +1,50 @@
+"""An operator's real-weights path: `checkpoint_dir` pointing at a local diffusers-format directory."""
+
+from __future__ import annotations
+
+import io
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+
+from deployments.app import build_app
+from models.loading import CheckpointError, save_components
+from models.presets import build_preset
+from tests.conftest import deploy
+from tests.deployments.conftest import run_job
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory):
+    return save_components(build_preset("tiny"), tmp_path_factory.mktemp("weights") / "acestep-v15-local")
+
+
+def test_app_serves_a_local_checkpoint(serve_http, dirs, checkpoint_dir, client):
+    args = {"name": "ckpt-test", "model": {"checkpoint_dir": str(checkpoint_dir),
+                                           "stages": {"condition": {"device": "cpu"}, "dit": {"dtype": "float32"}}},
+            "files": {"output_dir": str(dirs["results"]), "upload_dir": str(dirs["uploads"])}}
+    url = deploy(args, "ckpt-test", "/ckpt", serve_http)
+    payload = {"caption": "same weights", "audio_duration": 1, "batch_size": 1, "use_random_seed": False,
+               "seed": 5, "audio_format": "wav", "inference_steps": 3}
+    with httpx.Client(base_url=url, timeout=30) as ckpt_client:
+        assert ckpt_client.get("/v1/models").json()["default_model"] == "acestep-v15-local"
+        view = run_job(ckpt_client, {**payload, "model": "acestep-v15-local"})
+        assert view["result"]["dit_model"] == "acestep-v15-local"
+        from_checkpoint = ckpt_client.get(view["result"]["first_audio_path"]).content
+    # The saved preset is the embedded preset: the same request gives the same audio in both apps (to a PCM-16
+    # step: separate processes may sum floats in another order).
+    from_preset = client.get(run_job(client, payload)["result"]["first_audio_path"]).content
+    a, b = (sf.read(io.BytesIO(data))[0] for data in (from_checkpoint, from_preset))
+    assert a.shape == b.shape == (48000, 2)
+    np.testing.assert_allclose(a, b, atol=3 / 32768)
+
+
+def test_missing_checkpoint_fails_at_build_time(tmp_path, monkeypatch):
+    with pytest.raises(CheckpointError, match="not a directory"):
+        build_app({"model": {"checkpoint_dir": str(tmp_path / "absent")}})
+    (tmp_path / "partial" / "vae").mkdir(parents=True)
+    monkeypatch.setattr("deployments.envs.ACESTEP_CHECKPOINT_DIR", str(tmp_path / "partial"))
+    with pytest.raises(CheckpointError, match="missing transformer, condition_encoder, text_encoder, tokenizer"):
+        build_app({})
