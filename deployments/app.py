@@ -16,7 +16,7 @@ from deployments.condition_encoder import ConditionEncoder
 from deployments.dit import DiT
 from deployments.driver import JobDriver
 from deployments.ingress import Ingress
-from jobs.config import FilesConfig, QueueConfig
+from jobs.config import AuthConfig, FilesConfig, QueueConfig
 from models.loading import ModelConfig, check_checkpoint_dir
 
 
@@ -30,6 +30,7 @@ class AppArgs(BaseModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     queue: QueueConfig = Field(default_factory=QueueConfig)
     files: FilesConfig = Field(default_factory=FilesConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
 
 
 def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
@@ -42,7 +43,7 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
                                                     "tokenizer", "scheduler"])
     app_args = app_args.model_copy(update={"files": app_args.files.resolved(), "model": model})
     condition = ConditionEncoder.bind(app_args.model)
-    dit = DiT.bind(app_args.model, app_args.name, app_args.queue)
+    dit = DiT.bind(app_args.model, app_args.name, app_args.queue, app_args.files)
     codec = AudioCodec.bind(app_args.model)
     driver = JobDriver.bind(app_args.model, app_args.queue, app_args.files, app_args.name, condition, dit, codec)
     return Ingress.bind(app_args, driver, {"ConditionEncoder": condition, "DiT": dit, "AudioCodec": codec})

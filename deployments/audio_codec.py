@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
 import numpy as np
 from ray import serve
 
-from deployments.batching import apply_batching
+from deployments.stage import StageReplica, apply_batching
 from jobs.metrics import metrics
 from models.codec import AudioCodecEngine
 from models.loading import ModelConfig
@@ -18,30 +17,28 @@ logger = logging.getLogger(__name__)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32, health_check_period_s=10)
-class AudioCodec:
+class AudioCodec(StageReplica):
+    engine_class, stage = AudioCodecEngine, "codec"
+
     async def __init__(self, model: ModelConfig):
-        self.engine = await asyncio.to_thread(AudioCodecEngine, model)
-        await asyncio.to_thread(self.engine.warm_up)
+        await self.start(model)
 
     def reconfigure(self, user_config: dict) -> None:
         apply_batching(self.decode, user_config)
-
-    async def ready(self) -> bool:
-        return True
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.02)
     async def decode(self, items: list[tuple[str, np.ndarray]]) -> list[np.ndarray]:
         """Items are `(job_id, latents (n, frames, channels))`; returns `(n, channels, samples)` each."""
         metrics().stage_batch_size.observe(len(items), tags={"stage": "decode"})
         start = time.perf_counter()
-        audio = await asyncio.to_thread(self.engine.decode, [latents for _, latents in items])
+        audio = await self.guard.run(self.engine.decode, [latents for _, latents in items])
         logger.info("decode batch of %d in %.3f s, jobs %s", len(items), time.perf_counter() - start,
                     [job_id for job_id, _ in items])
         return audio
 
     async def encode(self, waveform: np.ndarray, kind: str, seed: int | None, job_id: str = "") -> np.ndarray:
         start = time.perf_counter()
-        latents = await asyncio.to_thread(self.engine.encode, waveform, kind, seed)
+        latents = await self.guard.run(self.engine.encode, waveform, kind, seed)
         logger.info("encoded %s audio (%d samples) in %.3f s, job %s", kind, waveform.shape[-1],
                     time.perf_counter() - start, job_id)
         return latents

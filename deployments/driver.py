@@ -19,7 +19,7 @@ from ray.serve.handle import DeploymentHandle
 
 from jobs.config import FilesConfig, QueueConfig
 from jobs.metrics import metrics
-from jobs.registry import registry_actor
+from jobs.registry import RegistryClient
 from jobs.schemas import GenerateRequest
 from jobs.storage import ResultStore
 from models.audio_io import encode_audio, load_audio
@@ -43,7 +43,7 @@ class JobDriver:
                        condition: DeploymentHandle, dit: DeploymentHandle, codec: DeploymentHandle):
         self.model, self.queue = model, queue
         self.condition, self.dit, self.codec = condition, dit, codec
-        self.registry = registry_actor(registry_name, queue)
+        self.registry = RegistryClient(registry_name, queue, files)
         self.store = ResultStore(files.output_dir, files.storage_options)
         vae = load_vae_config(model)
         self.sample_rate, self.channels = int(vae["sampling_rate"]), int(vae["audio_channels"])
@@ -62,7 +62,7 @@ class JobDriver:
                 if room <= 0:
                     await asyncio.wait(self.running, return_when=asyncio.FIRST_COMPLETED)
                     continue
-                for job in await self.registry.lease.remote(self.driver_id, room, 1.0):
+                for job in await self.registry.call("lease", self.driver_id, room, 1.0):
                     task = asyncio.create_task(self._run_job(job))
                     self.running.add(task)
                     task.add_done_callback(self.running.discard)
@@ -80,26 +80,26 @@ class JobDriver:
             if work.done():
                 break
             try:
-                still_ours = await self.registry.heartbeat.remote(job_id, self.driver_id,
-                                                                  None if progress["stage"] == "diffusion" else progress)
+                still_ours = await self.registry.call("heartbeat", job_id, self.driver_id,
+                                                      None if progress["stage"] == "diffusion" else progress)
             except Exception:  # registry briefly unreachable: the lease has slack for a missed beat
                 continue
             if not still_ours:
                 work.cancel()
-                logger.warning("job %s: lease lost, abandoning this attempt", job_id)
+                logger.warning("job %s: no longer ours (canceled, timed out or lease lost); stopping", job_id)
                 return
         try:
             result = work.result()
         except RETRYABLE as exc:
-            await self.registry.fail.remote(job_id, self.driver_id, f"{progress['stage']}: {_one_line(exc)}",
-                                            retry=True)
+            await self.registry.call("fail", job_id, self.driver_id, f"{progress['stage']}: {_one_line(exc)}",
+                                     retry=True)
         except StageError as exc:
-            await self.registry.fail.remote(job_id, self.driver_id, str(exc))
+            await self.registry.call("fail", job_id, self.driver_id, str(exc))
         except Exception as exc:
             logger.exception("job %s failed unexpectedly", job_id)
-            await self.registry.fail.remote(job_id, self.driver_id, f"{progress['stage']}: {_one_line(exc)}")
+            await self.registry.call("fail", job_id, self.driver_id, f"{progress['stage']}: {_one_line(exc)}")
         else:
-            await self.registry.finish.remote(job_id, self.driver_id, result)
+            await self.registry.call("finish", job_id, self.driver_id, result)
 
     async def _generate(self, job_id: str, spec: dict[str, Any], progress: dict[str, Any]) -> dict[str, Any]:
         request = GenerateRequest.model_validate(spec["request"])
@@ -147,6 +147,8 @@ class JobDriver:
             guidance_scale=request.guidance_scale, cfg_interval_start=request.cfg_interval_start,
             cfg_interval_end=request.cfg_interval_end, audio_cover_strength=request.audio_cover_strength,
             timesteps=request.timesteps, tag=job_id)))
+        if latents is None:  # the DiT dropped the job mid-batch: it was canceled or ran out of time
+            raise StageError("diffusion: stopped before the last step")
         audio = await stage("decode", self.codec.decode.remote((job_id, latents)))
         # The latent grid is 1/25 s; the client asked for a duration, so cut the padding of the last frame.
         audio = audio[..., : round(duration * self.sample_rate)]

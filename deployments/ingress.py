@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import secrets
@@ -16,12 +18,14 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import ValidationError
+import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from jobs.registry import registry_actor
+from deployments import envs
+from jobs.registry import RegistryClient
 from jobs.schemas import MAX_SEED, GenerateRequest, JobView, describe_validation_error, normalize_payload
 from jobs.storage import ResultStore
 from models.audio_io import AudioDecodeError, media_type, probe_audio
@@ -59,6 +63,26 @@ async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONRes
 async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error")
     return _error(500, "Internal Server Error")
+
+
+@api.exception_handler(ray.exceptions.RayActorError)
+@api.exception_handler(ray.exceptions.ActorUnavailableError)
+async def _registry_down(_request: Request, exc: Exception) -> JSONResponse:
+    logger.warning("job registry unavailable: %s", exc)
+    return _error(503, "Job registry unavailable; retry shortly", {"Retry-After": "2"})
+
+
+@api.middleware("http")
+async def _require_api_key(request: Request, call_next):
+    """With API keys configured, everything but /health needs `Authorization: Bearer <key>`."""
+    digests = envs.API_KEY_SHA256  # module state: Serve runs a frozen copy of `api`, so not `api.state`
+    path = request.url.path.removeprefix(request.scope.get("root_path", ""))  # the app may sit under a prefix
+    if digests and path != "/health":
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        digest = hashlib.sha256(key.strip().encode()).hexdigest()
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(digest, d) for d in digests):
+            return _error(401, "Missing or invalid API key", {"WWW-Authenticate": "Bearer"})
+    return await call_next(request)
 
 
 _REQUEST_BODY = {"required": False, "content": {
@@ -103,6 +127,19 @@ def _parse_urlencoded(body: bytes) -> dict[str, Any]:
     return {key: values[0] for key, values in parsed.items()}
 
 
+def _idempotency(request: Request, params: GenerateRequest, uploads: dict[str, bytes]) -> tuple[str, str] | None:
+    """(Idempotency-Key, fingerprint of the request): the normalised parameters and the uploaded bytes."""
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 255:
+        raise HTTPException(400, "Idempotency-Key must be 1 to 255 characters")
+    digest = hashlib.sha256(json.dumps(params.model_dump(mode="json"), sort_keys=True).encode())
+    for field in sorted(uploads):
+        digest.update(field.encode() + hashlib.sha256(uploads[field]).digest())
+    return key, digest.hexdigest()
+
+
 def _seeds(params: GenerateRequest) -> list[int]:
     """`seed, seed+1, ...` when the client fixed one; otherwise fresh random seeds (reported in seed_value)."""
     n = params.num_outputs
@@ -114,11 +151,13 @@ def _seeds(params: GenerateRequest) -> list[int]:
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, args: AppArgs, driver: DeploymentHandle, stages: dict[str, DeploymentHandle]):
+    async def __init__(self, args: AppArgs, driver: DeploymentHandle, stages: dict[str, DeploymentHandle]):
         self.args = args
         self.driver = driver  # keeps the driver in the application graph; the ingress never calls it
         self.stages = stages
-        self.registry = registry_actor(args.name, args.queue)
+        self.registry = RegistryClient(args.name, args.queue, args.files)
+        await self.registry.call("configure", args.queue)  # the registry may have outlived an older config
+        envs.API_KEY_SHA256[:] = [d.lower() for d in args.auth.api_key_sha256] + envs.ACESTEP_API_KEY_SHA256
         self.store = ResultStore(args.files.output_dir, args.files.storage_options)
         self.upload_root = Path(args.files.upload_dir).resolve()
         self.upload_root.mkdir(parents=True, exist_ok=True)
@@ -136,6 +175,7 @@ class Ingress:
         except ValidationError as exc:
             return _error(*describe_validation_error(exc))
         self._check_limits(params)
+        idempotency = _idempotency(request, params, uploads)
         job_id = str(uuid.uuid4())
         job_dir = self.upload_root / job_id
         try:
@@ -148,21 +188,36 @@ class Ingress:
             if params.task_type == "cover" and not (inputs["src_audio"] or inputs["reference_audio"]):
                 raise HTTPException(400, "task_type cover needs src_audio or reference_audio (upload or *_path)")
             spec = {"request": params.model_dump(mode="json"), "seeds": _seeds(params), **inputs}
-            answer = await self.registry.submit.remote(job_id, spec, str(job_dir) if job_dir.exists() else None)
+            answer = await self.registry.call("submit", job_id, spec, str(job_dir) if job_dir.exists() else None,
+                                              idempotency)
         except BaseException:
             shutil.rmtree(job_dir, ignore_errors=True)
             raise
-        if not answer["accepted"]:
+        if not answer["accepted"] or answer.get("duplicate"):  # refused, or the key's job already exists
             shutil.rmtree(job_dir, ignore_errors=True)
+        if "conflict" in answer:
+            return _error(409, f"Idempotency-Key already used for job {answer['conflict']} with a different request")
+        if not answer["accepted"]:
             return _error(429, "Server busy: queue is full", {"Retry-After": str(answer["retry_after_s"])})
-        return JSONResponse({"job_id": job_id, "status": "queued", "queue_position": answer["queue_position"]})
+        return JSONResponse({k: answer[k] for k in ("job_id", "status", "queue_position")})
 
     @api.get("/v1/jobs/{job_id}", response_model=JobView, responses={404: {"description": "Job not found"}})
     async def job(self, job_id: str) -> JSONResponse:
-        view = await self.registry.view.remote(job_id) if len(job_id) <= 64 else None
+        view = await self.registry.call("view", job_id) if len(job_id) <= 64 else None
         if view is None:
             return _error(404, "Job not found")
         return JSONResponse(view)
+
+    @api.post("/v1/jobs/{job_id}/cancel", response_model=JobView, responses={
+        404: {"description": "Job not found"}, 409: {"description": "Job already finished"}})
+    async def cancel(self, job_id: str) -> JSONResponse:
+        """Cancel a queued or running job; a running one stops at its next diffusion step."""
+        status = await self.registry.call("cancel", job_id) if len(job_id) <= 64 else None
+        if status is None:
+            return _error(404, "Job not found")
+        if status != "canceled":
+            return _error(409, f"Job already {status}")
+        return JSONResponse(await self.registry.call("view", job_id))
 
     @api.get("/v1/audio", responses={403: {"description": "Not a result"}, 404: {"description": "Not found"}})
     async def audio(self, path: str = Query(..., max_length=256)) -> Response:
@@ -198,7 +253,7 @@ class Ingress:
     @api.get("/v1/stats")
     async def stats(self) -> dict[str, Any]:
         """Upstream HEAD's counts, plus running replicas per deployment of this application."""
-        stats = await self.registry.stats.remote()
+        stats = await self.registry.call("stats")
         app = serve.get_replica_context().app_name
         status = await asyncio.to_thread(serve.status)
         deployments = status.applications[app].deployments if app in status.applications else {}

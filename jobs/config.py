@@ -21,6 +21,10 @@ class QueueConfig(BaseModel):
     lease_seconds: float = Field(60.0, gt=0, description="A running job whose driver sends no heartbeat for this "
                                  "long is requeued (or failed after max_attempts).")
     max_attempts: int = Field(2, ge=1, description="Attempts per job before a lost lease fails it.")
+    job_timeout_s: float = Field(1800.0, gt=0, description="A job still running this long after it started fails "
+                                 "(deadline exceeded); its work stops at the next diffusion step.")
+    retention_s: float = Field(7 * 24 * 3600.0, gt=0, description="Finished jobs, their audio and idempotency keys "
+                               "are deleted this long after they end (then 404), as upstream's 7-day cache.")
     default_duration_s: float = Field(30.0, ge=1, le=600, description="Duration of a text2music job that gives none.")
     max_duration_s: float = Field(600.0, ge=1, le=600, description="Longest audio_duration accepted.")
     max_outputs_per_job: int = Field(8, ge=1, le=8, description="Largest batch_size accepted.")
@@ -38,6 +42,8 @@ class FilesConfig(BaseModel):
     upload_dir: str = Field("var/uploads", description="Uploaded reference/source audio, removed when the job ends.")
     allowed_input_dirs: list[str] = Field(default_factory=list, description="Directories that *_audio_path "
                                           "parameters may point into (after resolving symlinks and '..').")
+    journal_path: str | None = Field("var/registry.sqlite3", description="SQLite journal of the job registry "
+                                     "(on Kubernetes, on a persistent volume); null keeps jobs in memory only.")
     max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1024, description="Largest uploaded audio file (413 above).")
     max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest JSON / urlencoded body (413 above).")
 
@@ -46,4 +52,14 @@ class FilesConfig(BaseModel):
         return self.model_copy(update={
             "output_dir": self.output_dir if "://" in self.output_dir else str(Path(self.output_dir).resolve()),
             "upload_dir": str(Path(self.upload_dir).resolve()),
-            "allowed_input_dirs": [str(Path(d).resolve()) for d in self.allowed_input_dirs]})
+            "allowed_input_dirs": [str(Path(d).resolve()) for d in self.allowed_input_dirs],
+            "journal_path": str(Path(self.journal_path).resolve()) if self.journal_path else None})
+
+
+class AuthConfig(BaseModel):
+    """Optional API keys. With none configured the service is open, as upstream."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_key_sha256: list[str] = Field(default_factory=list, description="SHA-256 hex digests of the accepted keys "
+                                      "(never the keys); also ACESTEP_API_KEY_SHA256, comma-separated.")

@@ -4,12 +4,16 @@ Jobs wait in a FIFO queue and are leased to job drivers only while fewer than `m
 job's `queue_position` is its real place in line and `eta_seconds = queue_position * avg_job_seconds`. A driver keeps
 its lease alive with heartbeats; a lease that lapses (the driver died) puts the job back at the head of the line, or
 fails it after `max_attempts`, so no job waits forever. Status only moves forward:
-queued -> running -> succeeded | failed.
+queued -> running -> succeeded | failed | canceled (and queued -> canceled).
+
+Every state change is journaled (SQLite) before the method returns; a restarted registry reads the journal back.
+Finished jobs, their files and their idempotency keys expire after `retention_s`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import shutil
 import time
@@ -19,12 +23,15 @@ from typing import Any
 
 import ray
 
-from jobs.config import QueueConfig
+from jobs.config import FilesConfig, QueueConfig
+from jobs.journal import Journal
 from jobs.metrics import metrics
+from jobs.storage import ResultStore
 
 logger = logging.getLogger(__name__)
 
 NAMESPACE = "acestep"
+TERMINAL = ("succeeded", "failed", "canceled")
 
 
 @dataclass
@@ -38,36 +45,67 @@ class JobRecord:
     finished_at: float | None = None
     result: dict[str, Any] | None = None
     error: str | None = None
-    progress: dict[str, Any] | None = None
     attempts: int = 0
     driver_id: str | None = None
-    lease_until: float = 0.0
+    idempotency: tuple[str, str] | None = None  # (key, request fingerprint)
     history: list[str] = field(default_factory=list)
+    # In memory only: progress is advisory and a lease is re-granted after a restart.
+    progress: dict[str, Any] | None = field(default=None, metadata={"volatile": True})
+    lease_until: float = field(default=0.0, metadata={"volatile": True})
+
+    def durable(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("volatile")}
 
 
 class JobRegistry:
     """Plain class (usable without Ray in unit tests); `registry_actor()` runs it as a named async actor."""
 
-    def __init__(self, config: QueueConfig):
+    def __init__(self, config: QueueConfig, files: FilesConfig | None = None, name: str = "acestep"):
+        """Without `files` (unit tests) nothing touches the disk: no journal, no result files to expire."""
         self.config = config
+        self.store = ResultStore(files.output_dir, files.storage_options) if files else None
+        self.journal = Journal(files.journal_path, name) if files and files.journal_path else None
         self.jobs: dict[str, JobRecord] = {}
         self.queue: deque[str] = deque()  # never-started jobs, FIFO
         self.retry_queue: deque[str] = deque()  # started jobs whose lease lapsed, served first
+        self.idempotency: dict[str, str] = {}  # key -> job id
         self.durations: deque[float] = deque(maxlen=config.avg_window)
-        self.outcomes = {"succeeded": 0, "failed": 0}
         self._work = asyncio.Event()
+        self._last_sweep = 0.0
+        self._recover()
+
+    async def configure(self, config: QueueConfig) -> None:
+        """A redeploy with new queue settings reaches the registry that outlived the old app."""
+        self.config = config
 
     # -- clients -------------------------------------------------------------------------------------------------
-    async def submit(self, job_id: str, spec: dict[str, Any], upload_dir: str | None = None) -> dict[str, Any]:
-        """Enqueue, or refuse without keeping any record when the queue is full."""
+    async def submit(self, job_id: str, spec: dict[str, Any], upload_dir: str | None = None,
+                     idempotency: tuple[str, str] | None = None) -> dict[str, Any]:
+        """Enqueue; or refuse without keeping any record when the queue is full.
+
+        With an idempotency `(key, fingerprint)`: a known key with the same fingerprint answers with the existing job
+        (`"duplicate": True`), with another fingerprint `{"conflict": job_id}`.
+        """
+        self._sweep()
+        if idempotency is not None and idempotency[0] in self.idempotency:
+            existing = self.jobs[self.idempotency[idempotency[0]]]
+            if existing.idempotency[1] != idempotency[1]:
+                return {"accepted": False, "conflict": existing.job_id}
+            return {"accepted": True, "duplicate": True, "job_id": existing.job_id, "status": existing.status,
+                    "queue_position": self._position(existing.job_id)}
         if len(self.queue) >= self.config.max_queued_jobs:
             metrics().jobs.inc(tags={"outcome": "rejected"})
             return {"accepted": False, "retry_after_s": max(1, round(self.avg_job_seconds()))}
-        self.jobs[job_id] = JobRecord(job_id=job_id, spec=spec, created_at=time.time(), upload_dir=upload_dir)
+        job = JobRecord(job_id=job_id, spec=spec, created_at=time.time(), upload_dir=upload_dir,
+                        idempotency=tuple(idempotency) if idempotency else None)
+        self.jobs[job_id] = job
+        if idempotency is not None:
+            self.idempotency[idempotency[0]] = job_id
         self.queue.append(job_id)
+        self._save(job)
         metrics().queue_depth.set(len(self.queue))
         self._work.set()
-        return {"accepted": True, "queue_position": len(self.queue)}
+        return {"accepted": True, "job_id": job_id, "status": "queued", "queue_position": len(self.queue)}
 
     async def view(self, job_id: str) -> dict[str, Any] | None:
         self._reap()
@@ -82,12 +120,30 @@ class JobRegistry:
             "eta_seconds": position * avg if position > 0 else None, "avg_job_seconds": avg,
             "result": job.result, "error": job.error,
             "progress": job.progress or ({"stage": "queued", "step": 0, "total": 0} if job.status == "queued"
+                                         else {"stage": "done", "step": 0, "total": 0} if job.status in TERMINAL
                                          else None),
         }
 
+    async def cancel(self, job_id: str) -> str | None:
+        """Cancel a queued or running job (a running one stops at its next diffusion step). The status after, or
+        None for an unknown job; a finished job keeps its status."""
+        self._reap()
+        job = self.jobs.get(job_id)
+        if job is None:
+            return None
+        if job.status == "queued":
+            self.queue.remove(job_id)
+            metrics().queue_depth.set(len(self.queue))
+        if job.status in ("queued", "running"):
+            if job_id in self.retry_queue:
+                self.retry_queue.remove(job_id)
+            job.error = "canceled by the client"
+            self._end(job, "canceled")
+        return job.status
+
     async def stats(self) -> dict[str, Any]:
         self._reap()
-        counts = {"queued": 0, "running": 0, "succeeded": 0, "failed": 0}
+        counts = dict.fromkeys(("queued", "running", *TERMINAL), 0)
         for job in self.jobs.values():
             counts[job.status] += 1
         return {"jobs": {"total": len(self.jobs), **counts}, "queue_size": len(self.queue),
@@ -129,6 +185,7 @@ class JobRegistry:
             job.attempts += 1
             job.lease_until = time.monotonic() + self.config.lease_seconds
             job.progress = {"stage": "starting", "step": 0, "total": 0}
+            self._save(job)
             leased.append({"job_id": job.job_id, "spec": job.spec, "attempt": job.attempts})
             room -= 1
         metrics().queue_depth.set(len(self.queue))
@@ -136,6 +193,7 @@ class JobRegistry:
 
     async def heartbeat(self, job_id: str, driver_id: str, progress: dict[str, Any] | None = None) -> bool:
         """Extend the lease. False tells the driver to stop: the job is no longer its to run."""
+        self._reap()
         job = self._owned(job_id, driver_id)
         if job is None:
             return False
@@ -144,12 +202,18 @@ class JobRegistry:
             job.progress = progress
         return True
 
-    async def report_steps(self, job_ids: list[str], step: int, total: int) -> None:
-        """Diffusion progress from the DiT stage (no ownership: the stage does not hold leases)."""
+    async def report_steps(self, job_ids: list[str], step: int, total: int) -> list[str]:
+        """Diffusion progress from the DiT stage; answers which of these jobs no longer run (canceled, timed out,
+        lease lost), so the DiT drops them from its batch at this step."""
+        self._reap()
+        stopped = []
         for job_id in job_ids:
             job = self.jobs.get(job_id)
-            if job is not None and job.status == "running":
+            if job is None or job.status != "running" or job.driver_id is None:
+                stopped.append(job_id)
+            else:
                 job.progress = {"stage": "diffusion", "step": step, "total": total}
+        return stopped
 
     async def finish(self, job_id: str, driver_id: str, result: dict[str, Any]) -> bool:
         job = self._owned(job_id, driver_id)
@@ -187,37 +251,109 @@ class JobRegistry:
         job.driver_id = None
         job.progress = {"stage": "retry_wait", "step": 0, "total": 0}
         self.retry_queue.append(job.job_id)
+        self._save(job)
         self._work.set()
 
     def _reap(self) -> None:
-        now = time.monotonic()
+        """Lapsed leases are retried (or failed), jobs past their deadline fail, expired jobs go."""
+        now, wall = time.monotonic(), time.time()
         for job in list(self.jobs.values()):
-            if job.status == "running" and job.driver_id is not None and job.lease_until < now:
+            if job.status != "running":
+                continue
+            if job.started_at is not None and wall - job.started_at > self.config.job_timeout_s:
+                job.error = f"deadline exceeded: still running after {self.config.job_timeout_s:g} s"
+                self._end(job, "failed")
+            elif job.driver_id is not None and job.lease_until < now:
                 reason = f"job driver {job.driver_id} stopped responding"
                 if job.attempts < self.config.max_attempts:
                     self._requeue(job, reason)
                 else:
                     job.error = f"{reason} on attempt {job.attempts} of {self.config.max_attempts}; giving up"
                     self._end(job, "failed")
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Forget finished jobs older than `retention_s`, with their files (checked at most once a second)."""
+        wall = time.time()
+        if wall - self._last_sweep < 1.0:
+            return
+        self._last_sweep = wall
+        for job in [j for j in self.jobs.values() if j.status in TERMINAL
+                    and wall - (j.finished_at or wall) > self.config.retention_s]:
+            del self.jobs[job.job_id]
+            if job.idempotency:
+                self.idempotency.pop(job.idempotency[0], None)
+            if self.store:
+                self.store.delete_job(job.job_id)
+            if self.journal:
+                self.journal.delete(job.job_id)
 
     def _end(self, job: JobRecord, status: str) -> None:
         job.status, job.finished_at, job.driver_id = status, time.time(), None
         job.progress = {"stage": "done", "step": 0, "total": 0}
-        self.outcomes[status] += 1
         metrics().jobs.inc(tags={"outcome": status})
         if job.started_at is not None:
             self.durations.append(job.finished_at - job.started_at)
             metrics().job_seconds.observe(job.finished_at - job.started_at)
         if job.upload_dir:  # uploads live only as long as their job
             shutil.rmtree(job.upload_dir, ignore_errors=True)
+        self._save(job)
         self._work.set()  # a slot is free
         logger.info("job %s %s after %.2f s (attempts %d)%s", job.job_id, status,
                     job.finished_at - job.created_at, job.attempts, f": {job.error}" if job.error else "")
 
+    def _save(self, job: JobRecord) -> None:
+        if self.journal:
+            self.journal.save(job.job_id, job.durable())
 
-def registry_actor(name: str, config: QueueConfig) -> "ray.actor.ActorHandle":
-    """Get or create the app's named registry actor (detached: it outlives any one replica)."""
+    def _recover(self) -> None:
+        """Rebuild the state from the journal: queues in submit order; running jobs get a fresh lease, so a driver
+        that is still alive keeps its job and one that died loses it when the lease lapses."""
+        if not self.journal:
+            return
+        records = sorted(self.journal.load(), key=lambda r: r["created_at"])
+        lease_until = time.monotonic() + self.config.lease_seconds
+        for row in records:
+            job = JobRecord(**{**row, "idempotency": tuple(row["idempotency"]) if row["idempotency"] else None})
+            self.jobs[job.job_id] = job
+            if job.idempotency:
+                self.idempotency[job.idempotency[0]] = job.job_id
+            if job.status == "queued":
+                self.queue.append(job.job_id)
+            elif job.status == "running" and job.driver_id is None:
+                self.retry_queue.append(job.job_id)
+                job.progress = {"stage": "retry_wait", "step": 0, "total": 0}
+            elif job.status == "running":
+                job.lease_until = lease_until
+        finished = sorted((j for j in self.jobs.values() if j.finished_at and j.started_at),
+                          key=lambda j: j.finished_at)
+        self.durations.extend(j.finished_at - j.started_at for j in finished[-self.config.avg_window:])
+        if records:
+            logger.info("recovered %d jobs from %s (%d queued, %d running)", len(records), self.journal.path,
+                        len(self.queue), sum(1 for j in self.jobs.values() if j.status == "running"))
+
+
+def registry_actor(name: str, queue: QueueConfig, files: FilesConfig) -> "ray.actor.ActorHandle":
+    """Get or create the app's named registry actor (detached: it outlives any one replica, and restarts)."""
     actor_cls = ray.remote(JobRegistry)
     return actor_cls.options(name=f"registry-{name}", namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
-                             num_cpus=0, max_restarts=-1, max_concurrency=1000).remote(config)
+                             num_cpus=0, max_restarts=-1, max_concurrency=1000).remote(queue, files, name)
 
+
+class RegistryClient:
+    """The registry actor, re-found by name when it was killed (a restart keeps the handle; a kill does not)."""
+
+    def __init__(self, name: str, queue: QueueConfig, files: FilesConfig, attempts: int = 6):
+        self._args = (name, queue, files)
+        self._attempts = attempts
+        self.actor = registry_actor(*self._args)
+
+    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        for attempt in range(self._attempts):
+            try:
+                return await getattr(self.actor, method).remote(*args, **kwargs)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                if attempt == self._attempts - 1:
+                    raise
+                await asyncio.sleep(min(0.25 * 2**attempt, 2.0))
+                self.actor = registry_actor(*self._args)

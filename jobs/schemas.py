@@ -159,7 +159,8 @@ def _short(value: Any, limit: int = 80) -> str:
 
 
 class JobProgress(BaseModel):
-    stage: str = Field(description="queued, encode_audio, condition, diffusion, decode, write, done")
+    stage: str = Field(description="queued, starting, encode_audio, condition, diffusion, decode, write, "
+                       "retry_wait, done")
     step: int = Field(0, description="Diffusion step done (diffusion stage only).")
     total: int = Field(0, description="Diffusion steps in all.")
 
@@ -168,7 +169,7 @@ class JobView(BaseModel):
     """`GET /v1/jobs/{job_id}`: every key is always present."""
 
     job_id: str
-    status: Literal["queued", "running", "succeeded", "failed"]
+    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
     created_at: float
     started_at: float | None
     finished_at: float | None

@@ -44,7 +44,8 @@ class DiTRequest:
     tag: str = field(default="", compare=False)  # the job id, for progress reports and logs
 
 
-StepCallback = Callable[[list[str], int, int, float], None]  # (job tags, step, total, step seconds)
+# (job tags, step, total, step seconds) -> tags to drop from the batch now
+StepCallback = Callable[[list[str], int, int, float], "set[str] | list[str] | None"]
 
 
 class DiTEngine:
@@ -85,23 +86,23 @@ class DiTEngine:
                                     null_embedding=np.zeros((width,), np.float32))
         self.generate([DiTRequest(condition=condition, seeds=[0], num_inference_steps=1, tag="warm-up")])
 
-    def generate(self, requests: list[DiTRequest], on_step: StepCallback | None = None) -> list[np.ndarray]:
-        """Latents `(len(seeds), frames, latent_channels)` per request, in order."""
+    def generate(self, requests: list[DiTRequest], on_step: StepCallback | None = None) -> list[np.ndarray | None]:
+        """Latents `(len(seeds), frames, latent_channels)` per request, in order.
+
+        `on_step` is called after every step with the tags still in the batch; the tags it returns (canceled jobs)
+        leave the batch at once and get None.
+        """
         groups: dict[tuple, list[int]] = defaultdict(list)
         for index, request in enumerate(requests):
             groups[self.batch_key(request)].append(index)
         results: list[np.ndarray | None] = [None] * len(requests)
         for indices in groups.values():
-            latents = self._denoise([requests[i] for i in indices], on_step)
-            offset = 0
-            for i in indices:
-                n = len(requests[i].seeds)
-                results[i] = latents[offset:offset + n]
-                offset += n
+            for i, latents in zip(indices, self._denoise([requests[i] for i in indices], on_step)):
+                results[i] = latents
         return results
 
     @torch.no_grad()
-    def _denoise(self, requests: list[DiTRequest], on_step: StepCallback | None) -> np.ndarray:
+    def _denoise(self, requests: list[DiTRequest], on_step: StepCallback | None) -> list[np.ndarray | None]:
         """One shared forward batch: all requests have the same `batch_key`."""
         pipe, device, dtype = self.pipe, self.device, self.transformer.dtype
         first = requests[0]
@@ -136,8 +137,11 @@ class DiTEngine:
         scheduler.set_timesteps(sigmas=schedule.tolist(), device=device)
         total = len(scheduler.timesteps)
 
-        # 3. Denoise.
+        # 3. Denoise. `alive[k]` is the request index of batch entry k, `rows_of[k]` its rows in the tensors.
         momentum_buffer = MomentumBuffer(momentum=-0.75) if do_cfg else None
+        alive = list(range(len(requests)))
+        bounds = np.cumsum([0] + [len(r.seeds) for r in requests])
+        rows_of = {k: list(range(bounds[k], bounds[k + 1])) for k in alive}
         for step, t in enumerate(scheduler.timesteps):
             step_start = time.perf_counter()
             t_batch = float(t) * torch.ones((batch_size,), device=device, dtype=dtype)
@@ -157,11 +161,30 @@ class DiTEngine:
                 strength = first.audio_cover_strength
                 velocity = strength * velocity + (1.0 - strength) * text2music
             xt = scheduler.step(velocity, t, xt, return_dict=False)[0]
-            if on_step is not None:
-                on_step(tags, step + 1, total, time.perf_counter() - step_start)
+            stopped = set(on_step(tags, step + 1, total, time.perf_counter() - step_start) or ()) if on_step else set()
+            if stopped & set(tags):
+                # Canceled jobs leave the batch here; the others go on with their own rows unchanged.
+                keep = [k for k, tag in enumerate(tags) if tag not in stopped]
+                rows = torch.tensor([row for k in keep for row in rows_of[k]], dtype=torch.long, device=device)
+                xt, encoder_hidden_states, context_latents = xt[rows], encoder_hidden_states[rows], context_latents[rows]
+                null_hidden_states = null_hidden_states[rows] if null_hidden_states is not None else None
+                non_cover_hidden_states = non_cover_hidden_states[rows] if non_cover_hidden_states is not None else None
+                if momentum_buffer is not None and torch.is_tensor(momentum_buffer.running_average):
+                    momentum_buffer.running_average = momentum_buffer.running_average[rows]
+                offsets = np.cumsum([0] + [len(rows_of[k]) for k in keep])
+                rows_of = {n: list(range(offsets[n], offsets[n + 1])) for n in range(len(keep))}
+                tags, alive = [tags[k] for k in keep], [alive[k] for k in keep]
+                batch_size = int(offsets[-1])
+                logger.info("dropped jobs %s from a dit batch at step %d", sorted(stopped), step + 1)
+                if batch_size == 0:
+                    break
         logger.info("dit batch of %d outputs x %d frames x %d steps in %.2f s, jobs %s",
                     batch_size, latent_length, total, time.perf_counter() - start, tags)
-        return xt.float().cpu().numpy()
+        latents = xt.float().cpu().numpy()
+        results: list[np.ndarray | None] = [None] * len(requests)
+        for k, index in enumerate(alive):
+            results[index] = latents[rows_of[k]]
+        return results
 
     def _forward(self, hidden_states, timestep, encoder_hidden_states, context_latents) -> torch.Tensor:
         return self.transformer(hidden_states=hidden_states, timestep=timestep, timestep_r=timestep,

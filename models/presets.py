@@ -54,6 +54,14 @@ def _audio_tokens(hidden: int, inter: int, heads: int, kv: int, head_dim: int, w
                 num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim, sliding_window=window)
 
 
+# Everything but the DiT of the released checkpoints: condition encoder, audio tokens, Qwen3 text encoder, VAE.
+_FULL_CONDITIONING = dict(
+    condition_encoder=_encoder(2048, 6144, 16, 8, 128, 128, text_dim=1024, lyric_layers=8, timbre_layers=4),
+    audio_tokens=_audio_tokens(2048, 6144, 16, 8, 128, 128),
+    text_encoder=_QWEN3_EMBEDDING_06B,
+    vae=_FULL_VAE,
+)
+
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         transformer=_dit(64, 128, 2, 4, 2, 16, 16, rope_theta=10000.0, is_turbo=True, model_version="turbo"),
@@ -72,29 +80,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                           num_key_value_heads=2, head_dim=32, max_position_embeddings=4096),
         vae=_TINY_VAE,
     ),
-    # Released 2B shapes (acestep-v15-turbo / -base), random weights: for GPU benchmarks only.
-    "turbo": dict(
-        transformer=_dit(2048, 6144, 24, 16, 8, 128, 128, is_turbo=True, model_version="turbo"),
-        condition_encoder=_encoder(2048, 6144, 16, 8, 128, 128, text_dim=1024, lyric_layers=8, timbre_layers=4),
-        audio_tokens=_audio_tokens(2048, 6144, 16, 8, 128, 128),
-        text_encoder=_QWEN3_EMBEDDING_06B,
-        vae=_FULL_VAE,
-    ),
-    "base": dict(
-        transformer=_dit(2048, 6144, 24, 16, 8, 128, 128, is_turbo=False, model_version="base"),
-        condition_encoder=_encoder(2048, 6144, 16, 8, 128, 128, text_dim=1024, lyric_layers=8, timbre_layers=4),
-        audio_tokens=_audio_tokens(2048, 6144, 16, 8, 128, 128),
-        text_encoder=_QWEN3_EMBEDDING_06B,
-        vae=_FULL_VAE,
-    ),
-    "xl-turbo": dict(
-        transformer=_dit(2560, 9728, 32, 32, 8, 128, 128, encoder_hidden_size=2048, is_turbo=True,
-                         model_version="turbo"),
-        condition_encoder=_encoder(2048, 6144, 16, 8, 128, 128, text_dim=1024, lyric_layers=8, timbre_layers=4),
-        audio_tokens=_audio_tokens(2048, 6144, 16, 8, 128, 128),
-        text_encoder=_QWEN3_EMBEDDING_06B,
-        vae=_FULL_VAE,
-    ),
+    # Released 2B shapes (acestep-v15-turbo), random weights: for GPU benchmarks only.
+    "turbo": dict(transformer=_dit(2048, 6144, 24, 16, 8, 128, 128, is_turbo=True, model_version="turbo"),
+                  **_FULL_CONDITIONING),
+    "base": dict(transformer=_dit(2048, 6144, 24, 16, 8, 128, 128, is_turbo=False, model_version="base"),
+                 **_FULL_CONDITIONING),
+    # XL: a wider DiT over the same 2048-wide condition encoder.
+    "xl-turbo": dict(transformer=_dit(2560, 9728, 32, 32, 8, 128, 128, encoder_hidden_size=2048, is_turbo=True,
+                                      model_version="turbo"), **_FULL_CONDITIONING),
 }
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>"]

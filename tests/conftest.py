@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import socket
@@ -65,6 +66,22 @@ def deploy(args: dict, name: str, route_prefix: str, base_url: str, timeout: flo
             pass
         time.sleep(0.5)
     raise TimeoutError(f"app {name} not healthy after {timeout} s")
+
+
+@contextlib.contextmanager
+def deployed(args: dict, name: str, route_prefix: str, base_url: str):
+    """`deploy`, then delete the app and its registry actor: this 2-core, 24 GiB box holds only a few apps."""
+    import ray
+    from ray import serve
+
+    try:
+        yield deploy(args, name, route_prefix, base_url)
+    finally:
+        serve.delete(name)
+        try:
+            ray.kill(ray.get_actor(f"registry-{name}", namespace="acestep"))
+        except ValueError:  # never created
+            pass
 
 
 def wav_bytes(seconds: float = 1.0, sample_rate: int = 44100, channels: int = 1, fmt: str = "WAV") -> bytes:

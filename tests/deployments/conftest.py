@@ -14,6 +14,7 @@ def dirs(tmp_path_factory):
     paths = {name: root / name for name in ("results", "uploads", "inputs", "outside")}
     for path in paths.values():
         path.mkdir()
+    paths["journal"] = root / "registry.sqlite3"
     return paths
 
 
@@ -24,7 +25,8 @@ def api(serve_http, dirs) -> str:
         "name": "api-test",
         "queue": {"max_queued_jobs": 50, "max_running_jobs": 4, "default_duration_s": 2.0},
         "files": {"output_dir": str(dirs["results"]), "upload_dir": str(dirs["uploads"]),
-                  "allowed_input_dirs": [str(dirs["inputs"])], "max_upload_bytes": 2 * 1024 * 1024},
+                  "allowed_input_dirs": [str(dirs["inputs"])], "max_upload_bytes": 2 * 1024 * 1024,
+                  "journal_path": str(dirs["journal"])},
     }
     return deploy(args, "api-test", "/", serve_http)
 
@@ -42,7 +44,7 @@ def wait_for(client: httpx.Client, job_id: str, timeout: float = 180.0, history:
         view = client.get(f"/v1/jobs/{job_id}").json()
         if history is not None:
             history.append(view)
-        if view["status"] in ("succeeded", "failed"):
+        if view["status"] in ("succeeded", "failed", "canceled"):
             return view
         time.sleep(0.1)
     raise TimeoutError(f"job {job_id} not finished after {timeout} s: {view}")

@@ -12,7 +12,7 @@ import soundfile as sf
 from deployments.app import build_app
 from models.loading import CheckpointError, save_components
 from models.presets import build_preset
-from tests.conftest import deploy
+from tests.conftest import deployed
 from tests.deployments.conftest import run_job
 
 
@@ -24,11 +24,11 @@ def checkpoint_dir(tmp_path_factory):
 def test_app_serves_a_local_checkpoint(serve_http, dirs, checkpoint_dir, client):
     args = {"name": "ckpt-test", "model": {"checkpoint_dir": str(checkpoint_dir),
                                            "stages": {"condition": {"device": "cpu"}, "dit": {"dtype": "float32"}}},
-            "files": {"output_dir": str(dirs["results"]), "upload_dir": str(dirs["uploads"])}}
-    url = deploy(args, "ckpt-test", "/ckpt", serve_http)
+            "files": {"output_dir": str(dirs["results"]), "upload_dir": str(dirs["uploads"]),
+                      "journal_path": str(dirs["journal"])}}
     payload = {"caption": "same weights", "audio_duration": 1, "batch_size": 1, "use_random_seed": False,
                "seed": 5, "audio_format": "wav", "inference_steps": 3}
-    with httpx.Client(base_url=url, timeout=30) as ckpt_client:
+    with deployed(args, "ckpt-test", "/ckpt", serve_http) as url, httpx.Client(base_url=url, timeout=30) as ckpt_client:
         assert ckpt_client.get("/v1/models").json()["default_model"] == "acestep-v15-local"
         view = run_job(ckpt_client, {**payload, "model": "acestep-v15-local"})
         assert view["result"]["dit_model"] == "acestep-v15-local"

@@ -64,7 +64,8 @@ def test_serve_deploy_on_a_ray_start_cluster(ray_cluster, tmp_path):
     port = free_port()
     config["http_options"]["port"] = port
     config["applications"][0]["args"]["files"].update(output_dir=str(tmp_path / "results"),
-                                                      upload_dir=str(tmp_path / "uploads"))
+                                                      upload_dir=str(tmp_path / "uploads"),
+                                                      journal_path=str(tmp_path / "registry.sqlite3"))
     config["applications"][0]["args"]["queue"]["default_duration_s"] = 1.0
     path = tmp_path / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -7,16 +7,15 @@ import io
 import httpx
 import soundfile as sf
 
-from tests.conftest import deploy
+from tests.conftest import deployed
 from tests.deployments.conftest import run_job
 
 
 def test_results_on_object_storage(serve_http, s3_server, dirs):
     args = {"name": "s3-test", "queue": {"default_duration_s": 1.0},
             "files": {"output_dir": "s3://acestep-results/jobs", "storage_options": s3_server,
-                      "upload_dir": str(dirs["uploads"])}}
-    url = deploy(args, "s3-test", "/s3", serve_http)
-    with httpx.Client(base_url=url, timeout=30) as client:
+                      "upload_dir": str(dirs["uploads"]), "journal_path": str(dirs["journal"])}}
+    with deployed(args, "s3-test", "/s3", serve_http) as url, httpx.Client(base_url=url, timeout=30) as client:
         view = run_job(client, {"caption": "to the cloud", "batch_size": 1, "audio_format": "flac"})
         key = view["result"]["first_audio_path"].split("path=")[1].replace("%2F", "/")
         response = client.get(view["result"]["first_audio_path"])

@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import deploy, wav_bytes
+from tests.conftest import deployed, wav_bytes
 from tests.deployments.conftest import submit, wait_for
 
 
@@ -16,9 +16,8 @@ def small_queue(serve_http, dirs):
     args = {"name": "queue-test",
             "queue": {"max_queued_jobs": 2, "max_running_jobs": 1, "initial_avg_job_seconds": 7.0},
             "files": {"output_dir": str(dirs["results"]), "upload_dir": str(dirs["uploads"]),
-                      "allowed_input_dirs": [str(dirs["inputs"])]}}
-    url = deploy(args, "queue-test", "/q", serve_http)
-    with httpx.Client(base_url=url, timeout=30) as client:
+                      "allowed_input_dirs": [str(dirs["inputs"])], "journal_path": str(dirs["journal"])}}
+    with deployed(args, "queue-test", "/q", serve_http) as url, httpx.Client(base_url=url, timeout=30) as client:
         yield client
 
 

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from jobs.config import QueueConfig
+from jobs.config import FilesConfig, QueueConfig
 from jobs.registry import JobRegistry
 
 
@@ -15,7 +15,7 @@ def run(coro):
 def test_fifo_positions_eta_and_capacity():
     async def scenario():
         reg = JobRegistry(QueueConfig(max_queued_jobs=2, max_running_jobs=1, initial_avg_job_seconds=4.0))
-        assert await reg.submit("a", {}) == {"accepted": True, "queue_position": 1}
+        assert await reg.submit("a", {}) == {"accepted": True, "job_id": "a", "status": "queued", "queue_position": 1}
         assert (await reg.submit("b", {}))["queue_position"] == 2
         full = await reg.submit("c", {})
         assert full["accepted"] is False and full["retry_after_s"] >= 1
@@ -31,7 +31,7 @@ def test_fifo_positions_eta_and_capacity():
         assert not await reg.finish("a", "d1", {})  # status only moves forward
         assert [j["job_id"] for j in await reg.lease("d1", 5, wait_s=0)] == ["b"]
         stats = await reg.stats()
-        assert stats["jobs"] == {"total": 2, "queued": 0, "running": 1, "succeeded": 1, "failed": 0}
+        assert stats["jobs"] == {"total": 2, "queued": 0, "running": 1, "succeeded": 1, "failed": 0, "canceled": 0}
     run(scenario())
 
 
@@ -99,3 +99,96 @@ def test_lease_waits_for_work(wait):
         return await task
     leased = run(scenario())
     assert [j["job_id"] for j in leased] == (["late"] if wait else [])
+
+
+def files(tmp_path) -> FilesConfig:
+    return FilesConfig(output_dir=str(tmp_path / "results"), journal_path=str(tmp_path / "journal.sqlite3"))
+
+
+def test_journal_restores_every_job(tmp_path):
+    async def first_life():
+        reg = JobRegistry(QueueConfig(), files(tmp_path), "a")
+        for name in ("done", "running", "queued1", "queued2"):
+            await reg.submit(name, {"n": name})
+        await reg.lease("d1", 2, wait_s=0)
+        await reg.finish("done", "d1", {"audio_paths": ["x"]})
+        await reg.submit("other-app-job", {})
+
+    async def second_life():
+        reg = JobRegistry(QueueConfig(), files(tmp_path), "a")
+        assert (await reg.view("done"))["result"] == {"audio_paths": ["x"]}
+        assert [(await reg.view(j))["queue_position"] for j in ("queued1", "queued2", "other-app-job")] == [1, 2, 3]
+        running = await reg.view("running")
+        assert running["status"] == "running"
+        assert await reg.heartbeat("running", "d1")  # its driver, if alive, keeps it
+        assert JobRegistry(QueueConfig(), files(tmp_path), "b").jobs == {}  # another app's table
+    run(first_life())
+    run(second_life())
+
+
+def test_running_job_of_a_dead_driver_is_rerun_after_restart(tmp_path):
+    async def scenario():
+        reg = JobRegistry(QueueConfig(lease_seconds=0.05), files(tmp_path))
+        await reg.submit("j", {})
+        await reg.lease("dead", 1, wait_s=0)
+        reborn = JobRegistry(QueueConfig(lease_seconds=0.05), files(tmp_path))
+        await asyncio.sleep(0.1)
+        [again] = await reborn.lease("new", 1, wait_s=0)
+        assert again["job_id"] == "j" and again["attempt"] == 2
+    run(scenario())
+
+
+def test_cancel_queued_and_running():
+    async def scenario():
+        reg = JobRegistry(QueueConfig())
+        for name in "abc":
+            await reg.submit(name, {})
+        await reg.lease("d", 1, wait_s=0)
+        assert await reg.cancel("b") == "canceled"
+        assert (await reg.view("c"))["queue_position"] == 1
+        assert await reg.cancel("a") == "canceled"
+        assert not await reg.heartbeat("a", "d")  # the driver stops
+        assert await reg.report_steps(["a"], 3, 8) == ["a"]  # and the DiT drops it
+        assert not await reg.finish("a", "d", {})
+        view = await reg.view("a")
+        assert (view["status"], view["error"]) == ("canceled", "canceled by the client")
+        assert await reg.cancel("nope") is None
+    run(scenario())
+
+
+def test_deadline_fails_a_job_that_runs_too_long():
+    async def scenario():
+        reg = JobRegistry(QueueConfig(job_timeout_s=0.05))
+        await reg.submit("slow", {})
+        await reg.lease("d", 1, wait_s=0)
+        await asyncio.sleep(0.1)
+        view = await reg.view("slow")
+        assert view["status"] == "failed" and view["error"].startswith("deadline exceeded")
+    run(scenario())
+
+
+def test_idempotency_key():
+    async def scenario():
+        reg = JobRegistry(QueueConfig())
+        first = await reg.submit("j1", {}, None, ("key", "fp1"))
+        again = await reg.submit("j2", {}, None, ("key", "fp1"))
+        assert again["duplicate"] and again["job_id"] == first["job_id"] == "j1"
+        assert await reg.submit("j3", {}, None, ("key", "fp2")) == {"accepted": False, "conflict": "j1"}
+        assert set(reg.jobs) == {"j1"}
+    run(scenario())
+
+
+def test_retention_deletes_job_files_and_key(tmp_path):
+    async def scenario():
+        cfg = files(tmp_path)
+        reg = JobRegistry(QueueConfig(retention_s=0.05), cfg)
+        job_id = "12345678-1234-1234-1234-1234567890ab"
+        await reg.submit(job_id, {}, None, ("k", "f"))
+        await reg.lease("d", 1, wait_s=0)
+        reg.store.put(f"{job_id}/0.mp3", b"x")
+        await reg.finish(job_id, "d", {})
+        await asyncio.sleep(1.1)
+        assert await reg.view(job_id) is None
+        assert reg.store.get(f"{job_id}/0.mp3") is None and "k" not in reg.idempotency
+        assert JobRegistry(QueueConfig(), cfg).jobs == {}  # gone from the journal too
+    run(scenario())

@@ -67,3 +67,22 @@ def test_repaint_matches_pipeline(engines, pipeline):
                                                  repainting_end=0.6), num_inference_steps=3)
     assert ours.shape == theirs.shape == (2, 2, 48000)
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def test_a_canceled_job_leaves_the_batch_and_the_rest_is_unchanged(engines):
+    condition, dit, _ = engines
+    conds = condition.encode([ConditionRequest(caption=c, lyrics="", audio_duration=1.0) for c in ("aa", "bb", "cc")])
+    requests = [DiTRequest(condition=c, seeds=[i, i + 10], num_inference_steps=4, tag=f"job{i}")
+                for i, c in enumerate(conds)]
+    full = dit.generate(requests)
+    seen = []
+
+    def cancel_job1(tags, step, total, seconds):
+        seen.append((tuple(tags), step))
+        return {"job1"} if step == 2 else set()
+
+    partial = dit.generate(requests, on_step=cancel_job1)
+    assert partial[1] is None
+    for i in (0, 2):
+        np.testing.assert_allclose(partial[i], full[i], atol=1e-5)
+    assert seen[2] == (("job0", "job2"), 3)  # job1 was gone from step 3 on
