@@ -17,7 +17,7 @@ from deployments.dit import DiT
 from deployments.driver import JobDriver
 from deployments.ingress import Ingress
 from jobs.config import AuthConfig, FilesConfig, QueueConfig
-from models.loading import ModelConfig, check_checkpoint_dir
+from models.loading import REQUIRED_PARTS, ModelConfig, check_checkpoint_dir
 
 
 class AppArgs(BaseModel):
@@ -39,8 +39,7 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
     if envs.ACESTEP_CHECKPOINT_DIR:
         model = model.model_copy(update={"checkpoint_dir": envs.ACESTEP_CHECKPOINT_DIR})
     if model.checkpoint_dir:  # fail at deploy time, naming what is missing, rather than in every replica
-        check_checkpoint_dir(model.checkpoint_dir, ["transformer", "condition_encoder", "vae", "text_encoder",
-                                                    "tokenizer", "scheduler"])
+        check_checkpoint_dir(model.checkpoint_dir, REQUIRED_PARTS)
     app_args = app_args.model_copy(update={"files": app_args.files.resolved(), "model": model})
     condition = ConditionEncoder.bind(app_args.model)
     dit = DiT.bind(app_args.model, app_args.name, app_args.queue, app_args.files)

@@ -137,11 +137,12 @@ class DiTEngine:
         scheduler.set_timesteps(sigmas=schedule.tolist(), device=device)
         total = len(scheduler.timesteps)
 
-        # 3. Denoise. `alive[k]` is the request index of batch entry k, `rows_of[k]` its rows in the tensors.
+        # 3. Denoise. `alive` lists the requests still in the batch; their rows are contiguous, in that order.
         momentum_buffer = MomentumBuffer(momentum=-0.75) if do_cfg else None
         alive = list(range(len(requests)))
-        bounds = np.cumsum([0] + [len(r.seeds) for r in requests])
-        rows_of = {k: list(range(bounds[k], bounds[k + 1])) for k in alive}
+
+        def row_starts() -> np.ndarray:
+            return np.cumsum([0] + [len(requests[i].seeds) for i in alive])
         for step, t in enumerate(scheduler.timesteps):
             step_start = time.perf_counter()
             t_batch = float(t) * torch.ones((batch_size,), device=device, dtype=dtype)
@@ -164,17 +165,16 @@ class DiTEngine:
             stopped = set(on_step(tags, step + 1, total, time.perf_counter() - step_start) or ()) if on_step else set()
             if stopped & set(tags):
                 # Canceled jobs leave the batch here; the others go on with their own rows unchanged.
-                keep = [k for k, tag in enumerate(tags) if tag not in stopped]
-                rows = torch.tensor([row for k in keep for row in rows_of[k]], dtype=torch.long, device=device)
+                keep, starts = [k for k, tag in enumerate(tags) if tag not in stopped], row_starts()
+                rows = torch.tensor([row for k in keep for row in range(starts[k], starts[k + 1])], dtype=torch.long,
+                                    device=device)
                 xt, encoder_hidden_states, context_latents = xt[rows], encoder_hidden_states[rows], context_latents[rows]
                 null_hidden_states = null_hidden_states[rows] if null_hidden_states is not None else None
                 non_cover_hidden_states = non_cover_hidden_states[rows] if non_cover_hidden_states is not None else None
                 if momentum_buffer is not None and torch.is_tensor(momentum_buffer.running_average):
                     momentum_buffer.running_average = momentum_buffer.running_average[rows]
-                offsets = np.cumsum([0] + [len(rows_of[k]) for k in keep])
-                rows_of = {n: list(range(offsets[n], offsets[n + 1])) for n in range(len(keep))}
                 tags, alive = [tags[k] for k in keep], [alive[k] for k in keep]
-                batch_size = int(offsets[-1])
+                batch_size = len(rows)
                 logger.info("dropped jobs %s from a dit batch at step %d", sorted(stopped), step + 1)
                 if batch_size == 0:
                     break
@@ -182,8 +182,9 @@ class DiTEngine:
                     batch_size, latent_length, total, time.perf_counter() - start, tags)
         latents = xt.float().cpu().numpy()
         results: list[np.ndarray | None] = [None] * len(requests)
+        starts = row_starts()
         for k, index in enumerate(alive):
-            results[index] = latents[rows_of[k]]
+            results[index] = latents[starts[k]:starts[k + 1]]
         return results
 
     def _forward(self, hidden_states, timestep, encoder_hidden_states, context_latents) -> torch.Tensor:

@@ -35,6 +35,7 @@ _LOADERS: dict[str, tuple[Any, bool]] = {
     "audio_tokenizer": (AceStepAudioTokenizer, False),
     "audio_token_detokenizer": (AceStepAudioTokenDetokenizer, False),
 }
+REQUIRED_PARTS = [part for part, (_, required) in _LOADERS.items() if required]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
