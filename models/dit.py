@@ -1,8 +1,11 @@
-"""Stage 2: flow-matching sampling with the ACE-Step DiT (`AceStepPipeline.__call__` steps 6-10).
+"""Stage 2: flow-matching sampling with the ACE-Step DiT (`AceStepPipeline.__call__` steps 6-10), one step at a time.
 
-Requests from different jobs run in one forward pass when they can share it: same step schedule, shift, guidance and
-(because the diffusers DiT applies no padding masks) the same latent and condition lengths. Each request keeps its
-own seeds, so a job's latents do not depend on what it was batched with.
+A job's sampling state (`Sampling`: its latents, its own timestep schedule, its guidance momentum) advances one Euler
+step per `DiTEngine.step` call, and one call runs a single forward pass over every state given to it, whatever
+their step, length or prompt length. The diffusers DiT applies no padding masks, so `_forward` pads the batch and
+masks the padding out of self- and cross-attention: a job's velocity then does not depend on what it was batched
+with (within float tolerance). Jobs whose requests differ in what a forward pass shares (step schedule, shift,
+guidance, cover blend: `batch_key`) never share one.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
+from diffusers.models.transformers.ace_step_transformer import _ace_step_rotary_freqs, _create_4d_mask
 from diffusers.utils.torch_utils import randn_tensor
 
 from models.condition import ConditionResult
@@ -42,6 +47,48 @@ class DiTRequest:
     audio_cover_strength: float = 1.0
     timesteps: list[float] | None = None
     tag: str = field(default="", compare=False)  # the job id, for progress reports and logs
+
+
+@dataclass(eq=False)
+class Sampling:
+    """One job in flight: its latents `xt` `(outputs, frames, channels)` and where it is in its own schedule."""
+
+    request: DiTRequest
+    key: tuple
+    xt: torch.Tensor
+    conditions: torch.Tensor  # (cond_tokens, hidden)
+    context: torch.Tensor  # (frames, 2 * channels)
+    null: torch.Tensor | None  # (cond_tokens, hidden): the unconditional sequence, when CFG runs
+    non_cover: torch.Tensor | None  # (tokens, hidden): text2music conditions, blended in when cover strength < 1
+    scheduler: FlowMatchEulerDiscreteScheduler
+    momentum: MomentumBuffer | None
+    step: int = 0
+    result: np.ndarray | None = None  # the final latents, once a scheduler has collected them
+
+    @property
+    def total(self) -> int:
+        return len(self.scheduler.timesteps)
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total
+
+    @property
+    def frames(self) -> int:
+        return self.xt.shape[1]
+
+    @property
+    def rows(self) -> int:
+        """Forward-pass rows this job adds to a batch: one per output (x2 with CFG, +1 per output to blend)."""
+        per_output = 1 + (self.null is not None) + (self.non_cover is not None)
+        return per_output * self.xt.shape[0]
+
+    def cost(self) -> int:
+        """Latent frames this job adds to a forward pass (the unit of `max_batch_frames`)."""
+        return self.rows * self.frames
+
+    def latents(self) -> np.ndarray:
+        return self.xt.float().cpu().numpy()
 
 
 # (job tags, step, total, step seconds) -> tags to drop from the batch now
@@ -69,12 +116,10 @@ class DiTEngine:
         return 1.0 if self.is_turbo else guidance_scale
 
     def batch_key(self, request: DiTRequest) -> tuple:
-        """Requests with equal keys can share every DiT forward pass."""
-        c = request.condition
-        return (c.latent_length, c.encoder_hidden_states.shape[0],
-                None if c.non_cover_hidden_states is None else c.non_cover_hidden_states.shape[0],
-                request.num_inference_steps, request.shift, self.effective_guidance(request.guidance_scale),
-                request.cfg_interval_start, request.cfg_interval_end, request.audio_cover_strength,
+        """Requests with equal keys may share a forward pass; lengths may differ (the padding is masked)."""
+        blend = request.audio_cover_strength < 1.0 and request.condition.non_cover_hidden_states is not None
+        return (request.num_inference_steps, request.shift, self.effective_guidance(request.guidance_scale),
+                request.cfg_interval_start, request.cfg_interval_end, request.audio_cover_strength if blend else 1.0,
                 tuple(request.timesteps) if request.timesteps else None)
 
     def warm_up(self) -> None:
@@ -86,108 +131,145 @@ class DiTEngine:
                                     null_embedding=np.zeros((width,), np.float32))
         self.generate([DiTRequest(condition=condition, seeds=[0], num_inference_steps=1, tag="warm-up")])
 
+    @torch.no_grad()
+    def start(self, request: DiTRequest) -> Sampling:
+        """A job's initial state: seeded noise (one generator per output) and its own scheduler."""
+        device, dtype, c = self.device, self.transformer.dtype, request.condition
+
+        def tensor(array: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(array).to(device=device, dtype=dtype)
+
+        conditions, context = tensor(c.encoder_hidden_states), tensor(c.context_latents)
+        # 1. Prepare latents: one generator per output, so each output's noise depends on its seed only.
+        generators = [torch.Generator(device="cpu").manual_seed(s) for s in request.seeds]
+        shape = (len(request.seeds), context.shape[0], self.transformer.config.audio_acoustic_hidden_dim)
+        xt = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
+        do_cfg = self.effective_guidance(request.guidance_scale) > 1.0 and not self.is_turbo
+        blend = request.audio_cover_strength < 1.0 and c.non_cover_hidden_states is not None
+        # 2. Timesteps: the shifted ACE-Step schedule, fed verbatim to an unshifted Euler scheduler of its own.
+        schedule = self.pipe._get_timestep_schedule(num_inference_steps=request.num_inference_steps,
+                                                    shift=request.shift, device=device, dtype=torch.float32,
+                                                    timesteps=request.timesteps)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.components["scheduler"].config)
+        scheduler.set_timesteps(sigmas=schedule.tolist(), device=device)
+        return Sampling(request=request, key=self.batch_key(request), xt=xt, conditions=conditions, context=context,
+                        null=tensor(c.null_embedding)[None].expand_as(conditions) if do_cfg else None,
+                        non_cover=tensor(c.non_cover_hidden_states) if blend else None, scheduler=scheduler,
+                        momentum=MomentumBuffer(momentum=-0.75) if do_cfg else None)
+
+    @torch.no_grad()
+    def step(self, states: list[Sampling]) -> None:
+        """Advance every state by one Euler step with one forward pass. All states must share a `batch_key`."""
+        assert len({s.key for s in states}) == 1, "states with different batch keys cannot share a forward pass"
+        request = states[0].request
+        guidance = self.effective_guidance(request.guidance_scale)
+        # 3. Denoise, one step. Rows: per state, its outputs against its conditions, then (CFG) against the null
+        # sequence, then (cover blend) against the text2music conditions. Each entry: (x, t, conditions, context, n).
+        rows, plan = [], []
+        for s in states:
+            t = s.scheduler.timesteps[s.step]
+            n = s.xt.shape[0]
+            apply_cfg = s.null is not None and request.cfg_interval_start <= 1.0 - float(t) <= request.cfg_interval_end
+            sequences = [s.conditions] + ([s.null] if apply_cfg else []) + ([s.non_cover] if s.non_cover is not None
+                                                                              else [])
+            plan.append((len(rows), apply_cfg))
+            rows.extend((s.xt, float(t), seq, s.context, n) for seq in sequences)
+        out = self._forward(rows)
+        for s, (first, apply_cfg) in zip(states, plan):
+            t, frames = s.scheduler.timesteps[s.step], s.frames
+            velocity = out[first][:, :frames]
+            if apply_cfg:
+                velocity = normalized_guidance(pred_cond=velocity, pred_uncond=out[first + 1][:, :frames],
+                                               guidance_scale=guidance - 1.0, momentum_buffer=s.momentum, eta=0.0,
+                                               norm_threshold=2.5, use_original_formulation=True, norm_dim=(1,))
+            if s.non_cover is not None:
+                strength = request.audio_cover_strength
+                velocity = strength * velocity + (1.0 - strength) * out[first + 1 + apply_cfg][:, :frames]
+            s.xt = s.scheduler.step(velocity, t, s.xt, return_dict=False)[0]
+            s.step += 1
+
+    def _forward(self, rows: list[tuple]) -> list[torch.Tensor]:
+        """One DiT pass over row groups `(x (n, T, C), t, conditions (S, H), context (T, 2C), n)`; velocity per group.
+
+        Same-shape groups take diffusers' own forward. Otherwise everything is right-padded with zeros and the padding
+        is masked: latent padding as keys in self-attention (with the sliding band), condition padding as keys in
+        cross-attention. Padded query positions compute garbage that is cut off; nothing reads them.
+        """
+        device, dtype = self.device, self.transformer.dtype
+        frames = [r[0].shape[1] for r in rows]
+        tokens = [r[2].shape[0] for r in rows]
+        counts = [r[4] for r in rows]
+        length, width = max(frames), max(tokens)
+
+        def padded(tensor: torch.Tensor, size: int, n: int) -> torch.Tensor:
+            tensor = tensor if tensor.dim() == 3 else tensor[None].expand(n, *tensor.shape)
+            return F.pad(tensor, (0, 0, 0, size - tensor.shape[1]))
+
+        x = torch.cat([padded(r[0], length, n) for r, n in zip(rows, counts)])
+        enc = torch.cat([padded(r[2], width, n) for r, n in zip(rows, counts)])
+        ctx = torch.cat([padded(r[3], length, n) for r, n in zip(rows, counts)])
+        t = torch.cat([torch.full((n,), r[1], device=device, dtype=dtype) for r, n in zip(rows, counts)])
+        if len(set(frames)) == 1 and len(set(tokens)) == 1:
+            out = self.transformer(hidden_states=x, timestep=t, timestep_r=t, encoder_hidden_states=enc,
+                                   context_latents=ctx, return_dict=False)[0]
+        else:
+            frame_counts = torch.tensor([f for f, n in zip(frames, counts) for _ in range(n)], device=device)
+            token_counts = torch.tensor([s for s, n in zip(tokens, counts) for _ in range(n)], device=device)
+            out = self._masked_forward(x, t, enc, ctx, frame_counts, token_counts)
+        return list(out.split(counts))
+
+    def _masked_forward(self, x, t, enc, ctx, frame_counts, token_counts) -> torch.Tensor:
+        """`AceStepTransformer1DModel.forward` (diffusers 0.42.1) with key-padding masks added; same modules."""
+        model = self.transformer
+        temb_t, proj_t = model.time_embed(t)
+        temb_r, proj_r = model.time_embed_r(t - t)
+        temb, timestep_proj = temb_t + temb_r, proj_t + proj_r
+        hidden = torch.cat([ctx, x], dim=-1)
+        original_length = hidden.shape[1]
+        if original_length % model.patch_size:
+            hidden = F.pad(hidden, (0, 0, 0, model.patch_size - original_length % model.patch_size))
+        hidden = model.proj_in_conv(hidden.transpose(1, 2)).transpose(1, 2)
+        enc = model.condition_embedder(enc)
+        length, dtype, device = hidden.shape[1], hidden.dtype, hidden.device
+        # A patch is real when its first frame is (the model pads a job's own odd frame with zeros, as here).
+        patch_valid = torch.arange(length, device=device)[None] * model.patch_size < frame_counts[:, None]
+        token_valid = torch.arange(enc.shape[1], device=device)[None] < token_counts[:, None]
+        masks = {kind: _create_4d_mask(seq_len=length, dtype=dtype, device=device, attention_mask=patch_valid,
+                                       sliding_window=model.config.sliding_window, is_sliding_window=sliding,
+                                       is_causal=False)
+                 for kind, sliding in (("sliding_attention", True), ("full_attention", False))}
+        cross_mask = torch.zeros(token_valid.shape, dtype=dtype, device=device)
+        cross_mask.masked_fill_(~token_valid, torch.finfo(dtype).min)
+        rotary = _ace_step_rotary_freqs(length, model.head_dim, model.rope_theta, device, dtype)
+        for i, layer in enumerate(model.layers):
+            hidden = layer(hidden_states=hidden, position_embeddings=rotary, temb=timestep_proj,
+                           attention_mask=masks[model.layer_types[i]], encoder_hidden_states=enc,
+                           encoder_attention_mask=cross_mask[:, None, None, :])
+        shift, scale = (model.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
+        hidden = (model.norm_out(hidden) * (1 + scale) + shift).type_as(hidden)
+        hidden = model.proj_out_conv(hidden.transpose(1, 2)).transpose(1, 2)
+        return hidden[:, :original_length]
+
     def generate(self, requests: list[DiTRequest], on_step: StepCallback | None = None) -> list[np.ndarray | None]:
-        """Latents `(len(seeds), frames, latent_channels)` per request, in order.
+        """Whole-request batching: latents `(len(seeds), frames, latent_channels)` per request, in order.
 
         `on_step` is called after every step with the tags still in the batch; the tags it returns (canceled jobs)
         leave the batch at once and get None.
         """
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for index, request in enumerate(requests):
-            groups[self.batch_key(request)].append(index)
-        results: list[np.ndarray | None] = [None] * len(requests)
-        for indices in groups.values():
-            for i, latents in zip(indices, self._denoise([requests[i] for i in indices], on_step)):
-                results[i] = latents
-        return results
-
-    @torch.no_grad()
-    def _denoise(self, requests: list[DiTRequest], on_step: StepCallback | None) -> list[np.ndarray | None]:
-        """One shared forward batch: all requests have the same `batch_key`."""
-        pipe, device, dtype = self.pipe, self.device, self.transformer.dtype
-        first = requests[0]
-        tags = [r.tag for r in requests]
-        start = time.perf_counter()
-
-        def stacked(get) -> torch.Tensor:
-            # Each request's condition, repeated once per seed: (batch, ...).
-            return torch.cat([torch.from_numpy(get(r.condition)).to(device=device, dtype=dtype)[None]
-                              .expand(len(r.seeds), *get(r.condition).shape) for r in requests])
-
-        encoder_hidden_states = stacked(lambda c: c.encoder_hidden_states)
-        context_latents = stacked(lambda c: c.context_latents)
-        blend_cover = first.audio_cover_strength < 1.0 and first.condition.non_cover_hidden_states is not None
-        non_cover_hidden_states = stacked(lambda c: c.non_cover_hidden_states) if blend_cover else None
-        batch_size, latent_length = context_latents.shape[0], context_latents.shape[1]
-
-        # 1. Prepare latents: one generator per output, so each output's noise depends on its seed only.
-        generators = [torch.Generator(device="cpu").manual_seed(s) for r in requests for s in r.seeds]
-        shape = (batch_size, latent_length, self.transformer.config.audio_acoustic_hidden_dim)
-        xt = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
-
-        # 2. Timesteps: the shifted ACE-Step schedule, fed verbatim to an unshifted Euler scheduler.
-        guidance_scale = self.effective_guidance(first.guidance_scale)
-        do_cfg = guidance_scale > 1.0 and not self.is_turbo
-        null_hidden_states = None
-        if do_cfg:
-            null_hidden_states = stacked(lambda c: c.null_embedding[None]).expand_as(encoder_hidden_states)
-        schedule = pipe._get_timestep_schedule(num_inference_steps=first.num_inference_steps, shift=first.shift,
-                                               device=device, dtype=torch.float32, timesteps=first.timesteps)
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.components["scheduler"].config)
-        scheduler.set_timesteps(sigmas=schedule.tolist(), device=device)
-        total = len(scheduler.timesteps)
-
-        # 3. Denoise. `alive` lists the requests still in the batch; their rows are contiguous, in that order.
-        momentum_buffer = MomentumBuffer(momentum=-0.75) if do_cfg else None
-        alive = list(range(len(requests)))
-
-        def row_starts() -> np.ndarray:
-            return np.cumsum([0] + [len(requests[i].seeds) for i in alive])
-        for step, t in enumerate(scheduler.timesteps):
-            step_start = time.perf_counter()
-            t_batch = float(t) * torch.ones((batch_size,), device=device, dtype=dtype)
-            apply_cfg = do_cfg and first.cfg_interval_start <= 1.0 - float(t) <= first.cfg_interval_end
-            if apply_cfg:
-                cond, uncond = self._forward(
-                    torch.cat([xt, xt]), torch.cat([t_batch, t_batch]),
-                    torch.cat([encoder_hidden_states, null_hidden_states]),
-                    torch.cat([context_latents, context_latents])).chunk(2)
-                velocity = normalized_guidance(pred_cond=cond, pred_uncond=uncond, guidance_scale=guidance_scale - 1.0,
-                                               momentum_buffer=momentum_buffer, eta=0.0, norm_threshold=2.5,
-                                               use_original_formulation=True, norm_dim=(1,))
-            else:
-                velocity = self._forward(xt, t_batch, encoder_hidden_states, context_latents)
-            if blend_cover:
-                text2music = self._forward(xt, t_batch, non_cover_hidden_states, context_latents)
-                strength = first.audio_cover_strength
-                velocity = strength * velocity + (1.0 - strength) * text2music
-            xt = scheduler.step(velocity, t, xt, return_dict=False)[0]
-            stopped = set(on_step(tags, step + 1, total, time.perf_counter() - step_start) or ()) if on_step else set()
-            if stopped & set(tags):
-                # Canceled jobs leave the batch here; the others go on with their own rows unchanged.
-                keep, starts = [k for k, tag in enumerate(tags) if tag not in stopped], row_starts()
-                rows = torch.tensor([row for k in keep for row in range(starts[k], starts[k + 1])], dtype=torch.long,
-                                    device=device)
-                xt, encoder_hidden_states, context_latents = xt[rows], encoder_hidden_states[rows], context_latents[rows]
-                null_hidden_states = null_hidden_states[rows] if null_hidden_states is not None else None
-                non_cover_hidden_states = non_cover_hidden_states[rows] if non_cover_hidden_states is not None else None
-                if momentum_buffer is not None and torch.is_tensor(momentum_buffer.running_average):
-                    momentum_buffer.running_average = momentum_buffer.running_average[rows]
-                tags, alive = [tags[k] for k in keep], [alive[k] for k in keep]
-                batch_size = len(rows)
-                logger.info("dropped jobs %s from a dit batch at step %d", sorted(stopped), step + 1)
-                if batch_size == 0:
-                    break
-        logger.info("dit batch of %d outputs x %d frames x %d steps in %.2f s, jobs %s",
-                    batch_size, latent_length, total, time.perf_counter() - start, tags)
-        latents = xt.float().cpu().numpy()
-        results: list[np.ndarray | None] = [None] * len(requests)
-        starts = row_starts()
-        for k, index in enumerate(alive):
-            results[index] = latents[starts[k]:starts[k + 1]]
-        return results
-
-    def _forward(self, hidden_states, timestep, encoder_hidden_states, context_latents) -> torch.Tensor:
-        return self.transformer(hidden_states=hidden_states, timestep=timestep, timestep_r=timestep,
-                                encoder_hidden_states=encoder_hidden_states, context_latents=context_latents,
-                                return_dict=False)[0]
+        states = [self.start(r) for r in requests]
+        groups: dict[tuple, list[Sampling]] = defaultdict(list)
+        for s in states:
+            groups[s.key].append(s)
+        dropped: set[int] = set()
+        for alive in groups.values():
+            start, jobs = time.perf_counter(), len(alive)
+            while alive:
+                step_start = time.perf_counter()
+                self.step(alive)
+                if on_step:
+                    stopped = set(on_step([s.request.tag for s in alive], alive[0].step, alive[0].total,
+                                          time.perf_counter() - step_start) or ())
+                    dropped.update(id(s) for s in alive if s.request.tag in stopped)
+                alive = [s for s in alive if not s.done and id(s) not in dropped]
+            logger.info("dit batch of %d jobs in %.2f s", jobs, time.perf_counter() - start)
+        return [None if id(s) in dropped else s.latents() for s in states]
