@@ -34,6 +34,19 @@ class AppArgs(BaseModel):
 
 
 def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
+    """The builder `serve_config.yaml` names (Serve requires exactly one parameter)."""
+    return build_graph(args)
+
+
+def build_graph(args: dict[str, Any] | AppArgs | None = None,
+                options: dict[str, dict[str, Any]] | None = None) -> Application:
+    """`args` as in serve_config.yaml. `options` (Python callers: tests, `acestep-bench`) overrides deployment
+    options by deployment name, as serve_config.yaml's `deployments:` list does for `serve run/deploy`."""
+    options = options or {}
+
+    def bind(deployment, *init_args):
+        return deployment.options(**options.get(deployment.name, {})).bind(*init_args)
+
     app_args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
     model = app_args.model
     if envs.ACESTEP_CHECKPOINT_DIR:
@@ -41,8 +54,9 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
     if model.checkpoint_dir:  # fail at deploy time, naming what is missing, rather than in every replica
         check_checkpoint_dir(model.checkpoint_dir, REQUIRED_PARTS)
     app_args = app_args.model_copy(update={"files": app_args.files.resolved(), "model": model})
-    condition = ConditionEncoder.bind(app_args.model)
-    dit = DiT.bind(app_args.model, app_args.name, app_args.queue, app_args.files)
-    codec = AudioCodec.bind(app_args.model)
-    driver = JobDriver.bind(app_args.model, app_args.queue, app_args.files, app_args.name, condition, dit, codec)
-    return Ingress.bind(app_args, driver, {"ConditionEncoder": condition, "DiT": dit, "AudioCodec": codec})
+    registry = (app_args.name, app_args.queue, app_args.files)
+    condition = bind(ConditionEncoder, app_args.model, *registry)
+    dit = bind(DiT, app_args.model, *registry)
+    codec = bind(AudioCodec, app_args.model, *registry)
+    driver = bind(JobDriver, app_args.model, app_args.queue, app_args.files, app_args.name, condition, dit, codec)
+    return bind(Ingress, app_args, driver, {"ConditionEncoder": condition, "DiT": dit, "AudioCodec": codec})

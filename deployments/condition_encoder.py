@@ -3,33 +3,46 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 from ray import serve
 
-from deployments.stage import StageReplica, apply_batching
+from deployments.stage import FrameBudget, StageReplica
+from jobs.config import FilesConfig, QueueConfig
 from jobs.metrics import metrics
 from models.condition import ConditionEngine, ConditionRequest, ConditionResult
-from models.loading import ModelConfig
+from models.loading import ModelConfig, load_vae_config
 
 logger = logging.getLogger(__name__)
+
+
+# Sized by the latent frames of the audio each request conditions (the frame rate comes from the VAE config).
+_budget = FrameBudget(lambda request: 0)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32, health_check_period_s=10)
 class ConditionEncoder(StageReplica):
     engine_class, stage = ConditionEngine, "condition"
 
-    async def __init__(self, model: ModelConfig):
-        await self.start(model)
+    async def __init__(self, model: ModelConfig, registry_name: str, queue: QueueConfig, files: FilesConfig):
+        vae = load_vae_config(model)
+        per_second = vae["sampling_rate"] / math.prod(vae["downsampling_ratios"])
+        _budget.frames_of = lambda request: math.ceil(request.audio_duration * per_second)
+        await self.start(model, registry_name, queue, files)
 
     def reconfigure(self, user_config: dict) -> None:
-        apply_batching(self.encode, user_config)
+        _budget.apply(self.encode, user_config)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    def slots(self) -> int:
+        return _budget.config.max_batch_size
+
+    @serve.batch(max_batch_size=16384, batch_wait_timeout_s=0.02, batch_size_fn=_budget)
     async def encode(self, requests: list[ConditionRequest]) -> list[ConditionResult]:
         metrics().stage_batch_size.observe(len(requests), tags={"stage": "condition"})
         start = time.perf_counter()
         results = await self.guard.run(self.engine.encode, requests)
+        self.jobs_done += len(requests)
         logger.info("condition batch of %d in %.3f s, jobs %s", len(requests), time.perf_counter() - start,
                     [r.tag for r in requests])
         return results

@@ -1,49 +1,54 @@
-"""Serve shim for stage 2 (`models.dit.DiTEngine`): batches sampling across jobs and reports diffusion steps."""
+"""Serve shim for stage 2 (`models.dit.DiTEngine`): step-level batching across jobs (`jobs.step_scheduler`), with
+diffusion progress reported to the registry after every step."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import numpy as np
 from ray import serve
 
-from deployments.stage import StageReplica, apply_batching
+from deployments.stage import StageReplica
 from jobs.config import FilesConfig, QueueConfig
 from jobs.metrics import metrics
-from jobs.registry import RegistryClient
+from jobs.step_scheduler import StepScheduler, StepSchedulingConfig
 from models.dit import DiTEngine, DiTRequest
 from models.loading import ModelConfig
 
 logger = logging.getLogger(__name__)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=16, health_check_period_s=10)
+# max_ongoing_requests bounds the jobs Serve routes here; keep it >= user_config.max_batch_size so batches can fill.
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32, health_check_period_s=10)
 class DiT(StageReplica):
     engine_class, stage = DiTEngine, "dit"
 
     async def __init__(self, model: ModelConfig, registry_name: str, queue: QueueConfig, files: FilesConfig):
-        await self.start(model)
-        self.registry = RegistryClient(registry_name, queue, files)
-        self.loop = asyncio.get_running_loop()
+        await self.start(model, registry_name, queue, files)
+        self.scheduler = StepScheduler(self.engine, StepSchedulingConfig(), run_engine=self.guard.run,
+                                       on_progress=self._on_progress, on_batch=self._on_batch)
 
     def reconfigure(self, user_config: dict) -> None:
-        apply_batching(self.generate, user_config)
+        self.scheduler.config = StepSchedulingConfig.model_validate(user_config or {})
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
-    async def generate(self, requests: list[DiTRequest]) -> list[np.ndarray]:
-        metrics().stage_batch_size.observe(len(requests), tags={"stage": "dit"})
-        return await self.guard.run(self.engine.generate, requests, self._on_step)
+    def slots(self) -> int:
+        return self.scheduler.config.max_batch_size
 
-    def _on_step(self, job_ids: list[str], step: int, total: int, seconds: float) -> list[str]:
-        """Runs in the engine's thread after every step: report progress, learn which jobs stopped (canceled,
-        timed out). If the registry cannot answer in time the batch carries on: its jobs' drivers decide."""
+    async def generate(self, request: DiTRequest) -> np.ndarray | None:
+        """The job's latents `(outputs, frames, channels)`, or None if it was stopped (canceled, timed out)."""
+        latents = await self.scheduler.submit(request)
+        self.jobs_done += latents is not None
+        return latents
+
+    def _on_batch(self, jobs: int, seconds: float) -> None:
+        metrics().stage_batch_size.observe(jobs, tags={"stage": "dit"})
         metrics().dit_step_seconds.observe(seconds)
-        if job_ids == ["warm-up"]:
-            return []
-        call = self.registry.call("report_steps", job_ids, step, total)
-        try:
-            return asyncio.run_coroutine_threadsafe(call, self.loop).result(timeout=5.0)
-        except Exception:
-            logger.warning("registry did not answer a step report; continuing the batch")
-            return []
+
+    async def _on_progress(self, seconds: float, steps: dict[str, tuple[int, int]]) -> list[str]:
+        """Report the steps; the registry answers which of these jobs stopped (canceled, timed out, lease lost)."""
+        steps.pop("warm-up", None)
+        return await self.registry.call("report_steps", steps) if steps else []
+
+    def check_health(self) -> None:
+        super().check_health()
+        self.scheduler.check()

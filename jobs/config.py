@@ -14,8 +14,9 @@ class QueueConfig(BaseModel):
 
     max_queued_jobs: int = Field(200, ge=1, description="Jobs waiting beyond this are refused with 429 "
                                  "(upstream ACESTEP_QUEUE_MAXSIZE).")
-    max_running_jobs: int = Field(4, ge=1, description="Jobs the drivers run at once across the pipeline; the rest "
-                                  "wait in the registry, so queue_position means something.")
+    max_running_jobs: int = Field(32, ge=1, description="Upper bound on jobs running at once. Below it, the registry "
+                                  "dispatches only as many jobs as the DiT and AudioCodec replicas report slots for; "
+                                  "the rest wait in the registry, so queue_position means something.")
     initial_avg_job_seconds: float = Field(5.0, gt=0, description="ETA basis before any job has finished.")
     avg_window: int = Field(50, ge=1, description="Finished jobs in the rolling mean of job time.")
     lease_seconds: float = Field(60.0, gt=0, description="A running job whose driver sends no heartbeat for this "

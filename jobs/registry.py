@@ -1,10 +1,12 @@
 """`JobRegistry`: the one Ray actor that owns every job's state.
 
-Jobs wait in a FIFO queue and are leased to job drivers only while fewer than `max_running_jobs` run, so a queued
-job's `queue_position` is its real place in line and `eta_seconds = queue_position * avg_job_seconds`. A driver keeps
-its lease alive with heartbeats; a lease that lapses (the driver died) puts the job back at the head of the line, or
-fails it after `max_attempts`, so no job waits forever. Status only moves forward:
-queued -> running -> succeeded | failed | canceled (and queued -> canceled).
+Jobs wait in a FIFO queue and are leased to job drivers only while the pipeline has room for them: the DiT and
+AudioCodec replicas report their job slots (and their measured seconds per job) here every second, and no more jobs
+run than those slots add up to (capped by `max_running_jobs`). So a queued job's `queue_position` is its real place in
+line, and `eta_seconds = queue_position * avg_job_seconds`, where `avg_job_seconds` is the effective seconds per job
+at the current parallelism (see `avg_job_seconds`). A driver keeps its lease alive with heartbeats; a lease that
+lapses (the driver died) puts the job back at the head of the line, or fails it after `max_attempts`, so no job
+waits forever. Status only moves forward: queued -> running -> succeeded | failed | canceled (and queued -> canceled).
 
 Every state change is journaled (SQLite) before the method returns; a restarted registry reads the journal back.
 Finished jobs, their files and their idempotency keys expire after `retention_s`.
@@ -32,6 +34,10 @@ logger = logging.getLogger(__name__)
 
 NAMESPACE = "acestep"
 TERMINAL = ("succeeded", "failed", "canceled")
+# Stages whose job slots bound dispatch: a job is in one of them for nearly all of its run.
+SLOT_STAGES = ("dit", "codec")
+STAGE_REPORT_TTL_S = 5.0  # a replica silent this long is gone (scaled down, or dead)
+AVG_HORIZON_S = 120.0  # job-end intervals older than this no longer describe the pipeline
 
 
 @dataclass
@@ -57,6 +63,17 @@ class JobRecord:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("volatile")}
 
 
+@dataclass
+class StageLoad:
+    """A stage replica's last report."""
+
+    at: float  # time.monotonic() of the report
+    slots: int  # jobs it takes at once
+    busy_s: float  # cumulative seconds spent computing
+    jobs_done: int  # cumulative jobs finished
+    seconds_per_job: float | None = None  # smoothed busy seconds per finished job
+
+
 class JobRegistry:
     """Plain class (usable without Ray in unit tests); `registry_actor()` runs it as a named async actor."""
 
@@ -69,7 +86,10 @@ class JobRegistry:
         self.queue: deque[str] = deque()  # never-started jobs, FIFO
         self.retry_queue: deque[str] = deque()  # started jobs whose lease lapsed, served first
         self.idempotency: dict[str, str] = {}  # key -> job id
-        self.durations: deque[float] = deque(maxlen=config.avg_window)
+        # Seconds between job ends while jobs waited: (time.monotonic() at the end, interval x DiT replicas then).
+        self.intervals: deque[tuple[float, float]] = deque(maxlen=config.avg_window)
+        self._last_end: tuple[float, bool] | None = None  # (when, whether jobs were waiting then)
+        self.stages: dict[str, dict[str, StageLoad]] = {}  # stage -> replica -> its last report
         self._work = asyncio.Event()
         self._last_sweep = 0.0
         self._recover()
@@ -147,10 +167,70 @@ class JobRegistry:
         for job in self.jobs.values():
             counts[job.status] += 1
         return {"jobs": {"total": len(self.jobs), **counts}, "queue_size": len(self.queue),
-                "queue_maxsize": self.config.max_queued_jobs, "avg_job_seconds": self.avg_job_seconds()}
+                "queue_maxsize": self.config.max_queued_jobs, "avg_job_seconds": self.avg_job_seconds(),
+                "running_capacity": self.capacity(),
+                "stages": {stage: {"replicas": len(loads), "slots": sum(l.slots for l in loads),
+                                   "seconds_per_job": self._stage_seconds_per_job(loads)}
+                           for stage, loads in self._live_stages().items()}}
 
     def avg_job_seconds(self) -> float:
-        return sum(self.durations) / len(self.durations) if self.durations else self.config.initial_avg_job_seconds
+        """Effective seconds per job at the current parallelism: how often, in steady state, a running job finishes
+        and frees a slot for the head of the queue.
+
+        Two measured bounds, the slower wins: the slowest stage's seconds per job divided over its live replicas
+        (stages report busy seconds per finished job, so batching gains are in it), and the mean time between job
+        ends while jobs were waiting (each end then frees a slot that the head of the queue takes at once), rescaled
+        from the DiT replicas of the time to the current ones; the last `avg_window` within `AVG_HORIZON_S`. The
+        second sees what the first cannot: stages slowing each other down on shared hardware. Before either is
+        measured: `initial_avg_job_seconds`.
+        """
+        bounds = [self._stage_seconds_per_job(loads) for loads in self._live_stages().values()]
+        now = time.monotonic()
+        recent = [interval for at, interval in self.intervals if now - at < AVG_HORIZON_S]
+        if len(recent) >= 3:
+            bounds.append(sum(recent) / len(recent) / self._replicas("dit"))
+        bounds = [b for b in bounds if b]
+        return max(bounds) if bounds else self.config.initial_avg_job_seconds
+
+    def capacity(self) -> int:
+        """Jobs allowed to run at once: the job slots the DiT and AudioCodec replicas reported, up to
+        `max_running_jobs` (which alone applies until they report)."""
+        live = self._live_stages()
+        slots = sum(load.slots for stage in SLOT_STAGES for load in live.get(stage, []))
+        return max(1, min(self.config.max_running_jobs, slots)) if slots else self.config.max_running_jobs
+
+    async def report_stage(self, stage: str, replica: str, slots: int, busy_s: float, jobs_done: int) -> dict:
+        """A stage replica's heartbeat: its job slots and its cumulative busy seconds and finished jobs. Answers
+        the backlog (jobs waiting in the registry), which the replica hands to the autoscaler."""
+        loads = self.stages.setdefault(stage, {})
+        previous = loads.get(replica)
+        load = StageLoad(at=time.monotonic(), slots=slots, busy_s=busy_s, jobs_done=jobs_done,
+                         seconds_per_job=previous.seconds_per_job if previous else None)
+        if previous and jobs_done > previous.jobs_done:
+            sample = (busy_s - previous.busy_s) / (jobs_done - previous.jobs_done)
+            load.seconds_per_job = sample if load.seconds_per_job is None else \
+                0.7 * load.seconds_per_job + 0.3 * sample
+        loads[replica] = load
+        self._work.set()  # the capacity may have grown
+        return {"backlog": len(self.queue) + len(self.retry_queue)}
+
+    def _replicas(self, stage: str) -> int:
+        return max(1, len(self._live_stages().get(stage, [])))
+
+    def _live_stages(self) -> dict[str, list[StageLoad]]:
+        now = time.monotonic()
+        for loads in self.stages.values():
+            for replica in [r for r, load in loads.items() if now - load.at > STAGE_REPORT_TTL_S]:
+                del loads[replica]
+        return {stage: list(loads.values()) for stage, loads in self.stages.items() if loads}
+
+    @staticmethod
+    def _stage_seconds_per_job(loads: list[StageLoad]) -> float | None:
+        """One stage's seconds per job over all its replicas (a replica not yet measured counts as the mean)."""
+        measured = [load.seconds_per_job for load in loads if load.seconds_per_job]
+        if not measured:
+            return None
+        return sum(measured) / len(measured) / len(loads)
 
     def _position(self, job_id: str) -> int:
         if self.jobs[job_id].status != "queued":
@@ -163,7 +243,7 @@ class JobRegistry:
         deadline = time.monotonic() + wait_s
         while True:
             self._reap()
-            room = min(max_jobs, self.config.max_running_jobs - self._running_count())
+            room = min(max_jobs, self.capacity() - self._running_count())
             if room > 0 and (self.queue or self.retry_queue):
                 break
             remaining = deadline - time.monotonic()
@@ -202,12 +282,12 @@ class JobRegistry:
             job.progress = progress
         return True
 
-    async def report_steps(self, job_ids: list[str], step: int, total: int) -> list[str]:
-        """Diffusion progress from the DiT stage; answers which of these jobs no longer run (canceled, timed out,
-        lease lost), so the DiT drops them from its batch at this step."""
+    async def report_steps(self, steps: dict[str, tuple[int, int]]) -> list[str]:
+        """Diffusion progress from the DiT stage, `{job_id: (step, total)}`; answers which of these jobs no longer
+        run (canceled, timed out, lease lost), so the DiT drops them from its batch."""
         self._reap()
         stopped = []
-        for job_id in job_ids:
+        for job_id, (step, total) in steps.items():
             job = self.jobs.get(job_id)
             if job is None or job.status != "running" or job.driver_id is None:
                 stopped.append(job_id)
@@ -293,8 +373,11 @@ class JobRegistry:
         job.progress = {"stage": "done", "step": 0, "total": 0}
         metrics().jobs.inc(tags={"outcome": status})
         if job.started_at is not None:
-            self.durations.append(job.finished_at - job.started_at)
             metrics().job_seconds.observe(job.finished_at - job.started_at)
+            now = time.monotonic()
+            if self._last_end is not None and self._last_end[1]:
+                self.intervals.append((now, (now - self._last_end[0]) * self._replicas("dit")))
+            self._last_end = (now, bool(self.queue or self.retry_queue))
         if job.upload_dir:  # uploads live only as long as their job
             shutil.rmtree(job.upload_dir, ignore_errors=True)
         self._save(job)
@@ -325,9 +408,6 @@ class JobRegistry:
                 job.progress = {"stage": "retry_wait", "step": 0, "total": 0}
             elif job.status == "running":
                 job.lease_until = lease_until
-        finished = sorted((j for j in self.jobs.values() if j.finished_at and j.started_at),
-                          key=lambda j: j.finished_at)
-        self.durations.extend(j.finished_at - j.started_at for j in finished[-self.config.avg_window:])
         if records:
             logger.info("recovered %d jobs from %s (%d queued, %d running)", len(records), self.journal.path,
                         len(self.queue), sum(1 for j in self.jobs.values() if j.status == "running"))

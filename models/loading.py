@@ -51,6 +51,8 @@ class StageOptions(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="Weights dtype.")
     device: str | None = Field(None, description="`cpu`, `cuda`, `cuda:N` or `auto`.")
     compile: bool = Field(False, description="torch.compile the stage's main module (opt-in; slow first call).")
+    threads: int | None = Field(None, ge=1, le=256, description="CPU threads for the stage's torch ops. Default: "
+                                "Ray's OMP_NUM_THREADS, which is 1 for a replica with num_cpus: 0.")
 
 
 class ModelConfig(BaseModel):
@@ -79,6 +81,9 @@ class ModelConfig(BaseModel):
 
     def compiled(self, stage: str) -> bool:
         return self.stages.get(stage, StageOptions()).compile
+
+    def threads(self, stage: str) -> int | None:
+        return self.stages.get(stage, StageOptions()).threads
 
     @property
     def name(self) -> str:

@@ -71,9 +71,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                           num_key_value_heads=2, head_dim=8, max_position_embeddings=4096),
         vae=_TINY_VAE,
     ),
-    # Mid-size: compute dominates on a 2-core CPU, so batching and scheduling effects are measurable there.
+    # Mid-size: compute dominates on a 2-core CPU, and the DiT (16 narrow layers) most of it, as on a GPU with the
+    # full-size models, so batching and scheduling effects are measurable there.
     "small": dict(
-        transformer=_dit(256, 768, 4, 8, 4, 32, 64, is_turbo=True, model_version="turbo"),
+        transformer=_dit(256, 768, 16, 8, 4, 32, 64, is_turbo=True, model_version="turbo"),
         condition_encoder=_encoder(256, 768, 8, 4, 32, 64, text_dim=128, lyric_layers=2, timbre_layers=2),
         audio_tokens=_audio_tokens(256, 768, 8, 4, 32, 64),
         text_encoder=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,

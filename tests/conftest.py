@@ -35,7 +35,10 @@ def serve_http():
     port = free_port()
     ray.init(address="local", num_cpus=8, include_dashboard=False, object_store_memory=300 * 1024**2, log_to_driver=False,
              _metrics_export_port=METRICS_PORT,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                                       # autoscaling metrics every 0.5 s (default 10 s), so a test burst is seen
+                                       "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+                                       "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -48,14 +51,15 @@ def metrics_url(serve_http) -> str:
     return f"http://127.0.0.1:{METRICS_PORT}/metrics"
 
 
-def deploy(args: dict, name: str, route_prefix: str, base_url: str, timeout: float = 180.0) -> str:
-    """Run `build_app(args)` as application `name` and wait until it answers /health."""
+def deploy(args: dict, name: str, route_prefix: str, base_url: str, timeout: float = 180.0,
+           options: dict | None = None) -> str:
+    """Run `build_graph(args, options)` as application `name` and wait until it answers /health."""
     import httpx
     from ray import serve
 
-    from deployments.app import build_app
+    from deployments.app import build_graph
 
-    serve.run(build_app(args), name=name, route_prefix=route_prefix, blocking=False)
+    serve.run(build_graph(args, options), name=name, route_prefix=route_prefix, blocking=False)
     url = base_url + (route_prefix if route_prefix != "/" else "")
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -69,13 +73,13 @@ def deploy(args: dict, name: str, route_prefix: str, base_url: str, timeout: flo
 
 
 @contextlib.contextmanager
-def deployed(args: dict, name: str, route_prefix: str, base_url: str):
+def deployed(args: dict, name: str, route_prefix: str, base_url: str, options: dict | None = None):
     """`deploy`, then delete the app and its registry actor: this 2-core, 24 GiB box holds only a few apps."""
     import ray
     from ray import serve
 
     try:
-        yield deploy(args, name, route_prefix, base_url)
+        yield deploy(args, name, route_prefix, base_url, options=options)
     finally:
         serve.delete(name)
         try:

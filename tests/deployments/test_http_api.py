@@ -82,6 +82,24 @@ def test_fixed_seed_is_honoured_and_reproducible(client):
     assert download(client, other["result"]["first_audio_path"])[0] != files_a[0]
 
 
+def test_a_job_sounds_the_same_alone_and_batched_with_others(client):
+    """Cross-job batching over the real app: the same seeded job, alone and then submitted together with jobs of
+    other durations, prompt and lyric lengths, gives the same audio (to a PCM-16 step)."""
+    job = {"caption": "batched", "audio_duration": 1.0, "use_random_seed": False, "seed": 7, "batch_size": 1,
+           "audio_format": "wav", "inference_steps": 4}
+    others = [{**job, "caption": "a much longer caption for another job", "lyrics": "[verse]\nla la la",
+               "audio_duration": 1.2, "seed": 8},
+              {**job, "caption": "x", "audio_duration": 1.1, "seed": 9, "batch_size": 2}]
+    alone = run_job(client, job)
+    ids = [submit(client, json=payload).json()["job_id"] for payload in (others[0], job, others[1])]
+    batched = wait_for(client, ids[1])
+    assert batched["status"] == "succeeded" and all(wait_for(client, i)["status"] == "succeeded" for i in ids)
+    a, b = (sf.read(io.BytesIO(download(client, view["result"]["first_audio_path"])[0]), dtype="int16")[0]
+            for view in (alone, batched))
+    assert a.shape == b.shape == (48000, 2)
+    assert abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
 def test_random_seeds_are_reported(client):
     view = run_job(client, {"caption": "r", "audio_duration": 1.0, "batch_size": 2, "inference_steps": 2})
     seeds = view["result"]["seed_value"].split(",")

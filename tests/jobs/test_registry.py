@@ -77,15 +77,44 @@ def test_uploads_are_deleted_when_the_job_ends(tmp_path):
     run(scenario())
 
 
-def test_average_uses_real_job_times():
+def test_average_is_the_measured_time_between_job_ends_while_jobs_wait():
     async def scenario():
-        reg = JobRegistry(QueueConfig(initial_avg_job_seconds=100.0))
-        for name in "ab":
-            await reg.submit(name, {})
-        await reg.lease("d", 1, wait_s=0)
-        await asyncio.sleep(0.05)
-        await reg.finish("a", "d", {})
-        assert 0.04 < reg.avg_job_seconds() < 5.0
+        reg = JobRegistry(QueueConfig(initial_avg_job_seconds=100.0, max_running_jobs=1))
+        for i in range(6):
+            await reg.submit(f"j{i}", {})
+        for i in range(4):
+            [job] = await reg.lease("d", 1, wait_s=0)
+            await asyncio.sleep(0.05)
+            await reg.finish(job["job_id"], "d", {})
+            assert reg.avg_job_seconds() == (100.0 if i < 3 else pytest.approx(0.05, abs=0.04))
+        view = await reg.view("j5")
+        assert view["queue_position"] == 2 and view["eta_seconds"] == pytest.approx(2 * view["avg_job_seconds"])
+    run(scenario())
+
+
+def test_dispatch_and_eta_follow_the_stages_slots_and_throughput():
+    async def scenario():
+        reg = JobRegistry(QueueConfig(max_running_jobs=32, initial_avg_job_seconds=9.0))
+        for i in range(10):
+            await reg.submit(f"j{i}", {})
+        assert reg.capacity() == 32 and reg.avg_job_seconds() == 9.0  # nothing reported yet
+        # One DiT replica with 4 slots and one codec replica with 2: 6 jobs may run.
+        assert await reg.report_stage("dit", "d1", 4, 0.0, 0) == {"backlog": 10}
+        await reg.report_stage("codec", "c1", 2, 0.0, 0)
+        assert reg.capacity() == 6
+        assert len(await reg.lease("driver", 100, wait_s=0)) == 6
+        # The DiT then finishes 4 jobs in 2 busy seconds: 0.5 s per job; the codec 4 in 1 s.
+        await reg.report_stage("dit", "d1", 4, 2.0, 4)
+        await reg.report_stage("codec", "c1", 2, 1.0, 4)
+        assert reg.avg_job_seconds() == pytest.approx(0.5)
+        # A second DiT replica (not measured yet, so counted at the mean) halves the DiT's seconds per job.
+        await reg.report_stage("dit", "d2", 4, 0.0, 0)
+        assert reg.capacity() == 10
+        assert reg.avg_job_seconds() == pytest.approx(0.25)
+        view = await reg.view("j9")
+        assert view["queue_position"] == 4 and view["eta_seconds"] == pytest.approx(4 * view["avg_job_seconds"])
+        stats = await reg.stats()
+        assert stats["running_capacity"] == 10 and stats["stages"]["dit"]["replicas"] == 2
     run(scenario())
 
 
@@ -148,7 +177,7 @@ def test_cancel_queued_and_running():
         assert (await reg.view("c"))["queue_position"] == 1
         assert await reg.cancel("a") == "canceled"
         assert not await reg.heartbeat("a", "d")  # the driver stops
-        assert await reg.report_steps(["a"], 3, 8) == ["a"]  # and the DiT drops it
+        assert await reg.report_steps({"a": (3, 8)}) == ["a"]  # and the DiT drops it
         assert not await reg.finish("a", "d", {})
         view = await reg.view("a")
         assert (view["status"], view["error"]) == ("canceled", "canceled by the client")

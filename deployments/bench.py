@@ -1,0 +1,310 @@
+"""`acestep-bench`: throughput, latency, ETA accuracy and memory of the served pipeline, measured side by side.
+
+It starts its own Ray and the application (one replica per stage, no autoscaling, so every variant has the same
+replicas), then, on the same preset and the same job mix:
+
+1. runs the in-process `diffusers.AceStepPipeline` one job at a time and writes each file (upstream's policy): the
+   sequential baseline, and the single-job latency;
+2. runs one job alone through HTTP + Serve: `overhead_ratio` against (1);
+3. drives the app over loopback HTTP at `--concurrency` clients with step-level batching, with whole-request
+   batching, and with `max_batch_size: 1` in every stage (retuned in place through `user_config`).
+
+Prints one table and one JSON line (prefixed `BENCH_JSON `). Machines here are shared and noisy: compare ratios
+from one run, not absolute numbers across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+CAPTIONS = ["lofi", "upbeat synth pop with a driving bassline", "acoustic guitar ballad, warm and intimate vocals",
+            "cinematic orchestral score with strings, brass and timpani building to a climax"]
+LYRICS = ["", "[verse]\nla la la", "[verse]\nwalking down the empty street\n[chorus]\nhold on, hold on"]
+
+
+def job_mix(count: int, durations: list[float], steps: int, outputs: int, fmt: str) -> list[dict[str, Any]]:
+    """Deterministic jobs with different durations, prompt lengths and lyrics."""
+    return [{"caption": CAPTIONS[i % len(CAPTIONS)], "lyrics": LYRICS[i % len(LYRICS)],
+             "audio_duration": durations[i % len(durations)], "inference_steps": steps, "batch_size": outputs,
+             "seed": 1000 + i, "audio_format": fmt} for i in range(count)]
+
+
+def _stage_options(batch: int, frames: int, scheduling: str) -> dict[str, dict]:
+    fixed = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}
+    return {"ConditionEncoder": {**fixed, "user_config": {"max_batch_size": batch, "batch_wait_timeout_s": 0.02}},
+            "DiT": {**fixed, "max_ongoing_requests": max(16, 2 * batch),
+                    "user_config": {"max_batch_size": batch, "max_batch_frames": frames, "batch_wait_timeout_s": 0.05,
+                                    "scheduling": scheduling}},
+            "AudioCodec": {**fixed, "max_ongoing_requests": max(16, 2 * batch),
+                           "user_config": {"max_batch_size": min(batch, 4), "max_batch_frames": frames,
+                                           "batch_wait_timeout_s": 0.02}}}
+
+
+class MemorySampler:
+    """Peak summed RSS of this process's descendants: the whole local Ray cluster and the app's replicas."""
+
+    def __init__(self, interval: float = 0.5):
+        import psutil
+
+        self.root, self.interval, self.peak_mib = psutil.Process(), interval, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            total = 0
+            for child in self.root.children(recursive=True):
+                try:
+                    total += child.memory_info().rss
+                except Exception:  # exited meanwhile
+                    pass
+            self.peak_mib = max(self.peak_mib, total / 2**20)
+            self._stop.wait(self.interval)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak_mib
+
+
+# -- the in-process baseline -----------------------------------------------------------------------------------------
+def run_sequential(preset: str, jobs: list[dict], out_dir: Path, threads: int | None) -> list[float]:
+    """Each job through `AceStepPipeline(...)` and into a file, one at a time; seconds per job."""
+    import torch
+    from diffusers import AceStepPipeline
+
+    from models.audio_io import encode_audio
+    from models.loading import ModelConfig, load_components
+
+    if threads:
+        torch.set_num_threads(threads)
+    pipe = AceStepPipeline(**load_components(ModelConfig(preset=preset), [
+        "vae", "text_encoder", "tokenizer", "transformer", "condition_encoder", "scheduler", "audio_tokenizer",
+        "audio_token_detokenizer"]))
+    pipe.set_progress_bar_config(disable=True)
+    rate = pipe.vae.config.sampling_rate
+
+    def one(job: dict, index: int) -> float:
+        start = time.perf_counter()
+        generator = [torch.Generator().manual_seed(job["seed"] + k) for k in range(job["batch_size"])]
+        n = job["batch_size"]
+        audio = pipe(prompt=[job["caption"]] * n, lyrics=[job["lyrics"]] * n, audio_duration=job["audio_duration"],
+                     num_inference_steps=job["inference_steps"], generator=generator).audios.float().numpy()
+        for k, waveform in enumerate(audio):
+            (out_dir / f"seq-{index}-{k}.{job['audio_format']}").write_bytes(
+                encode_audio(waveform[..., : round(job["audio_duration"] * rate)], rate, job["audio_format"]))
+        return time.perf_counter() - start
+
+    one(jobs[0], -1)  # warm-up
+    return [one(job, i) for i, job in enumerate(jobs)]
+
+
+# -- the served pipeline ---------------------------------------------------------------------------------------------
+async def drive(url: str, jobs: list[dict], concurrency: int, poll_s: float) -> dict[str, Any]:
+    """`concurrency` clients submit and poll until every job is done. Per job: latency, and the ETA seen at the
+    first poll against the wait that followed."""
+    import httpx
+
+    queue = list(enumerate(jobs))
+    records: list[dict[str, Any]] = []
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        while queue:
+            index, job = queue.pop(0)
+            submitted = time.time()
+            while True:
+                response = await client.post("/v1/music/generate", json=job)
+                if response.status_code != 429:
+                    break
+                await asyncio.sleep(0.5)
+            response.raise_for_status()
+            job_id = response.json()["job_id"]
+            first = None
+            while True:
+                polled = time.time()
+                view = (await client.get(f"/v1/jobs/{job_id}")).json()
+                first = first or (polled, view)
+                if view["status"] in ("succeeded", "failed", "canceled"):
+                    break
+                await asyncio.sleep(poll_s)
+            if view["status"] != "succeeded":
+                raise RuntimeError(f"job {job_id} {view['status']}: {view['error']}")
+            record = {"index": index, "latency": time.time() - submitted, "stages": view["result"]["stage_seconds"],
+                      "finished": time.time()}
+            polled, first_view = first
+            if first_view["status"] == "queued" and first_view["eta_seconds"]:
+                record["eta"] = (first_view["eta_seconds"], view["started_at"] - polled)
+            records.append(record)
+
+    start = time.time()
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+    elapsed = max(r["finished"] for r in records) - start
+    latencies = sorted(r["latency"] for r in records)
+    pairs = [r["eta"] for r in records if "eta" in r and r["eta"][1] > 0]
+    etas = [abs(predicted - actual) / actual for predicted, actual in pairs]
+    stages = {name: statistics.median(r["stages"].get(name, 0.0) for r in records)
+              for name in ("condition", "diffusion", "decode", "write")}
+    return {"jobs": len(records), "seconds": elapsed, "jobs_per_s": len(records) / elapsed,
+            "p50_s": _quantile(latencies, 0.5), "p95_s": _quantile(latencies, 0.95),
+            "eta_error_median": statistics.median(etas) if etas else None, "eta_samples": len(etas),
+            "eta_predicted_vs_actual_median_s": [statistics.median(p[0] for p in pairs),
+                                                 statistics.median(p[1] for p in pairs)] if pairs else None,
+            "stage_median_s": stages}
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, round(q * (len(sorted_values) - 1)))]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="acestep-bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="small", help="tiny, small (CPU), turbo / base / xl-turbo (GPU)")
+    parser.add_argument("--jobs", type=int, default=32, help="jobs per load phase")
+    parser.add_argument("--concurrency", type=int, default=16, help="concurrent HTTP clients")
+    parser.add_argument("--durations", default="10,15,20", help="seconds of audio, cycled over the jobs")
+    parser.add_argument("--steps", type=int, default=8, help="inference_steps of every job")
+    parser.add_argument("--outputs", type=int, default=1, help="batch_size (outputs) of every job")
+    parser.add_argument("--format", default="wav", choices=["wav", "flac", "mp3"])
+    parser.add_argument("--max-batch-size", type=int, default=8, help="jobs per batch with batching on")
+    parser.add_argument("--max-batch-frames", type=int, default=12000, help="DiT / codec frame budget")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of each stage (default: Ray's, 1 per num_cpus: 0 replica; more "
+                        "oversubscribes a small CPU when stages overlap). The baseline always uses all cores.")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--poll-s", type=float, default=1.0, help="each client's poll interval under load (polls "
+                        "cost CPU: at 0.25 s, 16 clients kept the proxy and ingress at 45%% of a core here)")
+    parser.add_argument("--sequential-jobs", type=int, default=None, help="baseline jobs (default: --jobs)")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import httpx
+    import ray
+    from ray import serve
+
+    from deployments.app import build_graph
+
+    threads = args.threads
+    durations = [float(d) for d in args.durations.split(",")]
+    jobs = job_mix(args.jobs, durations, args.steps, args.outputs, args.format)
+    work = Path(tempfile.mkdtemp(prefix="acestep-bench-"))
+    results: dict[str, Any] = {"preset": args.preset, "jobs": args.jobs, "concurrency": args.concurrency,
+                               "durations": durations, "steps": args.steps, "outputs": args.outputs,
+                               "format": args.format, "threads": threads}
+    memory = MemorySampler()
+
+    # 1. Upstream's policy, in this process, before Ray starts: one job at a time.
+    print(f"[bench] sequential AceStepPipeline, {args.sequential_jobs or args.jobs} jobs ...", file=sys.stderr)
+    sequential = run_sequential(args.preset, jobs[: args.sequential_jobs or args.jobs], work, None)
+    results["sequential_jobs_per_s"] = len(sequential) / sum(sequential)
+    results["pipeline_latency_s"] = statistics.median(run_sequential(args.preset, [jobs[0]] * 3, work, None))
+    # The same, on the threads one stage gets: what the serving path adds, apart from the thread count.
+    results["pipeline_latency_stage_threads_s"] = statistics.median(
+        run_sequential(args.preset, [jobs[0]] * 3, work, threads or 1))
+
+    port = _free_port()
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}/bench"
+    app_args = {"name": "bench",
+                "model": {"preset": args.preset, "dtype": args.dtype,
+                          "stages": {stage: {"threads": threads} for stage in ("condition", "dit", "codec")
+                                     if threads}},
+                "queue": {"max_queued_jobs": 10 * args.jobs + 10, "max_running_jobs": 64},
+                "files": {"output_dir": str(work / "results"), "upload_dir": str(work / "uploads"),
+                          "journal_path": None}}
+
+    def deploy(batch: int, scheduling: str) -> None:
+        options = _stage_options(batch, args.max_batch_frames, scheduling)
+        serve.run(build_graph(app_args, options), name="bench", route_prefix="/bench", blocking=False)
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            try:
+                stats = httpx.get(url + "/v1/stats", timeout=5).json()
+                slots = {s: v["slots"] for s, v in stats.get("stages", {}).items()}
+                # user_config applied everywhere, and the registry has the new slots
+                if slots.get("dit") == batch and slots.get("codec") == min(batch, 4):
+                    return
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.5)
+        raise TimeoutError("the bench app did not come up")
+
+    try:
+        print("[bench] starting the app ...", file=sys.stderr)
+        deploy(args.max_batch_size, "step")
+        asyncio.run(drive(url, jobs[:4], 4, 0.1))  # warm-up: first requests through every hop
+        # 2. One job alone, end to end, polled every 10 ms.
+        alone = [asyncio.run(drive(url, [jobs[0]], 1, 0.01))["seconds"] for _ in range(3)]
+        results["served_latency_s"] = statistics.median(alone)
+        # 3. Load, three ways, same replicas.
+        phases = {}
+        for name, batch, scheduling in (("step", args.max_batch_size, "step"),
+                                        ("request", args.max_batch_size, "request"), ("unbatched", 1, "step")):
+            print(f"[bench] load phase {name} ...", file=sys.stderr)
+            deploy(batch, scheduling)
+            phases[name] = asyncio.run(drive(url, jobs, args.concurrency, args.poll_s))
+        results["phases"] = phases
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        results["peak_rss_mib"] = round(memory.stop())
+
+    best = max(("step", "request"), key=lambda name: phases[name]["jobs_per_s"])
+    results.update({
+        "throughput_ratio_vs_sequential": phases["step"]["jobs_per_s"] / results["sequential_jobs_per_s"],
+        "batching_gain": phases["step"]["jobs_per_s"] / phases["unbatched"]["jobs_per_s"],
+        "step_vs_request_scheduling": phases["step"]["jobs_per_s"] / phases["request"]["jobs_per_s"],
+        "overhead_ratio": results["served_latency_s"] / results["pipeline_latency_s"],
+        "overhead_ratio_same_threads": results["served_latency_s"] / results["pipeline_latency_stage_threads_s"],
+        "eta_error_median": phases["step"]["eta_error_median"], "faster_scheduling": best,
+    })
+    print(render(results))
+    print("BENCH_JSON " + json.dumps(results, default=lambda v: round(v, 4) if isinstance(v, float) else v))
+    return 0
+
+
+def render(r: dict[str, Any]) -> str:
+    lines = [f"acestep-bench preset={r['preset']} jobs={r['jobs']} concurrency={r['concurrency']} "
+             f"durations={r['durations']} steps={r['steps']} outputs={r['outputs']} format={r['format']} "
+             f"stage threads={r['threads'] or 'Ray default'}",
+             f"{'variant':<28}{'jobs/s':>8}{'p50 s':>8}{'p95 s':>8}{'eta err':>9}  stage medians (s)"]
+    lines.append(f"{'sequential AceStepPipeline':<28}{r['sequential_jobs_per_s']:>8.3f}"
+                 f"{r['pipeline_latency_s']:>8.2f}{'':>8}{'':>9}  (single job, in process, all cores; "
+                 f"{r['pipeline_latency_stage_threads_s']:.2f} s on a stage's threads)")
+    for name, p in r["phases"].items():
+        eta = f"{p['eta_error_median']:.3f}" if p["eta_error_median"] is not None else "-"
+        stages = " ".join(f"{k} {v:.2f}" for k, v in p["stage_median_s"].items())
+        lines.append(f"{'served, ' + name:<28}{p['jobs_per_s']:>8.3f}{p['p50_s']:>8.2f}{p['p95_s']:>8.2f}"
+                     f"{eta:>9}  {stages}")
+    lines.append(f"served single job: {r['served_latency_s']:.2f} s; peak RSS of the app and Ray: "
+                 f"{r['peak_rss_mib']} MiB")
+    for key in ("throughput_ratio_vs_sequential", "batching_gain", "step_vs_request_scheduling", "overhead_ratio",
+                "overhead_ratio_same_threads", "eta_error_median"):
+        value = r[key]
+        lines.append(f"{key:<32}{value:.3f}" if value is not None else f"{key:<32}-")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""The DiT step scheduler with the real tiny DiT engine, no Ray: who joins a running batch, when, and with what."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from jobs.step_scheduler import StepScheduler, StepSchedulingConfig
+from models.condition import ConditionEngine, ConditionRequest
+from models.dit import DiTEngine, DiTRequest
+from models.loading import ModelConfig
+
+CONFIG = ModelConfig(preset="tiny")
+
+
+@pytest.fixture(scope="module")
+def dit():
+    return DiTEngine(CONFIG)
+
+
+@pytest.fixture(scope="module")
+def requests_():
+    conds = ConditionEngine(CONFIG).encode([ConditionRequest(caption=c, lyrics="", audio_duration=d)
+                                            for c, d in (("a", 1.0), ("bb", 1.6), ("ccc", 2.0))])
+    return [DiTRequest(condition=c, seeds=[i], num_inference_steps=6, tag=f"job{i}") for i, c in enumerate(conds)]
+
+
+def _scenario(dit, requests, scheduling, cancel_last=False, **config):
+    """Job 0 starts; jobs 1 and 2 arrive after its second step. Returns results and the jobs in each forward."""
+    async def main():
+        batches: list[int] = []
+        arrived = asyncio.Event()
+
+        def on_batch(jobs, seconds):
+            batches.append(jobs)
+            if len(batches) == 2:
+                arrived.set()
+        config.setdefault("max_padding", 100.0)  # one forward pass whatever the lengths
+        scheduler = StepScheduler(dit, StepSchedulingConfig(scheduling=scheduling, batch_wait_timeout_s=0, **config),
+                                  on_batch=on_batch)
+        first = asyncio.create_task(scheduler.submit(requests[0]))
+        await arrived.wait()
+        later = [asyncio.create_task(scheduler.submit(r)) for r in requests[1:]]
+        if cancel_last:
+            await asyncio.sleep(0)
+            while batches[-1] < 3 if scheduling == "step" else False:
+                await asyncio.sleep(0.001)
+            later[-1].cancel()
+        results = await asyncio.gather(first, *later, return_exceptions=True)
+        assert scheduler.jobs == 0
+        return results, batches
+    return asyncio.run(main())
+
+
+def test_step_scheduling_joins_at_the_next_step_and_changes_nothing(dit, requests_):
+    alone = dit.generate(requests_)
+    results, batches = _scenario(dit, requests_, "step")
+    # Job 0 ran its first steps alone (at least the 2 before the others arrived, plus the one in flight then), the
+    # others joined at a step boundary, and finished their last steps after job 0 had left.
+    joined = batches.index(3)
+    assert joined in (2, 3, 4) and batches == [1] * joined + [3] * (6 - joined) + [2] * joined
+    for got, expected in zip(results, alone):
+        np.testing.assert_allclose(got, expected, atol=2e-5)
+
+
+def test_request_scheduling_waits_for_the_whole_batch(dit, requests_):
+    alone = dit.generate(requests_)
+    results, batches = _scenario(dit, requests_, "request")
+    assert batches == [1] * 6 + [2] * 6
+    for got, expected in zip(results, alone):
+        np.testing.assert_allclose(got, expected, atol=2e-5)
+
+
+def test_budgets_bound_a_forward_pass(dit, requests_):
+    _, batches = _scenario(dit, requests_, "step", max_batch_size=2)
+    assert max(batches) == 2
+    # 1.0 s and 1.6 s of audio are 25 and 40 frames: two rows pad to 80 > 60, so nobody shares.
+    _, batches = _scenario(dit, requests_, "step", max_batch_frames=60)
+    assert max(batches) == 1
+
+
+def test_lengths_too_far_apart_take_separate_forward_passes(dit, requests_):
+    alone = dit.generate(requests_)
+    # 50 and 40 frames pad to 100 for 90 real (11 %); adding 25 frames would pad to 150 for 115 (30 %).
+    results, batches = _scenario(dit, requests_, "step", max_padding=0.25)
+    assert 3 not in batches and 2 in batches
+    for got, expected in zip(results, alone):
+        np.testing.assert_allclose(got, expected, atol=2e-5)
+
+
+def test_a_canceled_caller_leaves_the_batch(dit, requests_):
+    alone = dit.generate(requests_)
+    results, batches = _scenario(dit, requests_, "step", cancel_last=True)
+    assert isinstance(results[2], asyncio.CancelledError)
+    np.testing.assert_allclose(results[0], alone[0], atol=2e-5)
+    np.testing.assert_allclose(results[1], alone[1], atol=2e-5)
+    assert batches[-1] == 1 and 3 in batches
