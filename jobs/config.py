@@ -18,7 +18,7 @@ class QueueConfig(BaseModel):
                                   "dispatches only as many jobs as the DiT and AudioCodec replicas report slots for; "
                                   "the rest wait in the registry, so queue_position means something.")
     initial_avg_job_seconds: float = Field(5.0, gt=0, description="ETA basis before any job has finished.")
-    avg_window: int = Field(50, ge=1, description="Finished jobs in the rolling mean of job time.")
+    avg_window: int = Field(50, ge=1, description="Job-end intervals in the rolling mean behind avg_job_seconds.")
     lease_seconds: float = Field(60.0, gt=0, description="A running job whose driver sends no heartbeat for this "
                                  "long is requeued (or failed after max_attempts).")
     max_attempts: int = Field(2, ge=1, description="Attempts per job before a lost lease fails it.")

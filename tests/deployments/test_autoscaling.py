@@ -38,7 +38,6 @@ def test_a_burst_scales_the_dit_up_and_back_down(serve_http, dirs):
             replicas.append(_dit_replicas())
             capacity.append(client.get("/v1/stats").json()["running_capacity"])
             time.sleep(0.5)
-        print("dit replicas", replicas, "capacity", capacity)
         assert max(replicas) >= 2, replicas
         assert max(capacity) > capacity[0], capacity  # the new replica's slots were used for dispatch
         assert all(wait_for(client, job_id)["status"] == "succeeded" for job_id in jobs)
