@@ -38,6 +38,7 @@ class DiT(StageReplica):
         """The job's latents `(outputs, frames, channels)`, or None if it was stopped (canceled, timed out)."""
         latents = await self.scheduler.submit(request)
         self.jobs_done += latents is not None
+        logger.info("job %s: %s after the DiT", request.tag, "latents" if latents is not None else "stopped")
         return latents
 
     def _on_batch(self, jobs: int, seconds: float) -> None:
@@ -46,7 +47,6 @@ class DiT(StageReplica):
 
     async def _on_progress(self, seconds: float, steps: dict[str, tuple[int, int]]) -> list[str]:
         """Report the steps; the registry answers which of these jobs stopped (canceled, timed out, lease lost)."""
-        steps.pop("warm-up", None)
         return await self.registry.call("report_steps", steps) if steps else []
 
     def check_health(self) -> None:
