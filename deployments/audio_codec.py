@@ -22,16 +22,10 @@ _budget = FrameBudget(lambda item: item[1].shape[0] * item[1].shape[1])
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32, health_check_period_s=10)
 class AudioCodec(StageReplica):
-    engine_class, stage = AudioCodecEngine, "codec"
+    engine_class, stage, batched, budget = AudioCodecEngine, "codec", "decode", _budget
 
     async def __init__(self, model: ModelConfig, registry_name: str, queue: QueueConfig, files: FilesConfig):
         await self.start(model, registry_name, queue, files)
-
-    def reconfigure(self, user_config: dict) -> None:
-        _budget.apply(self.decode, user_config)
-
-    def slots(self) -> int:
-        return _budget.config.max_batch_size
 
     @serve.batch(max_batch_size=16384, batch_wait_timeout_s=0.02, batch_size_fn=_budget)
     async def decode(self, items: list[tuple[str, np.ndarray]]) -> list[np.ndarray]:

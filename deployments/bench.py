@@ -80,35 +80,42 @@ class MemorySampler:
 
 
 # -- the in-process baseline -----------------------------------------------------------------------------------------
-def run_sequential(preset: str, jobs: list[dict], out_dir: Path, threads: int | None) -> list[float]:
-    """Each job through `AceStepPipeline(...)` and into a file, one at a time; seconds per job."""
-    import torch
-    from diffusers import AceStepPipeline
+class SequentialBaseline:
+    """Upstream's policy in this process: each job through `AceStepPipeline(...)` and into a file, one at a time."""
 
-    from models.audio_io import encode_audio
-    from models.loading import ModelConfig, load_components
+    def __init__(self, preset: str, out_dir: Path):
+        from diffusers import AceStepPipeline
 
-    if threads:
+        from models.loading import ModelConfig, load_components
+
+        self.pipe = AceStepPipeline(**load_components(ModelConfig(preset=preset), [
+            "vae", "text_encoder", "tokenizer", "transformer", "condition_encoder", "scheduler", "audio_tokenizer",
+            "audio_token_detokenizer"]))
+        self.pipe.set_progress_bar_config(disable=True)
+        self.out_dir = out_dir
+
+    def run(self, jobs: list[dict], threads: int) -> list[float]:
+        """Seconds per job, on `threads` torch threads, after one warm-up job."""
+        import torch
+
         torch.set_num_threads(threads)
-    pipe = AceStepPipeline(**load_components(ModelConfig(preset=preset), [
-        "vae", "text_encoder", "tokenizer", "transformer", "condition_encoder", "scheduler", "audio_tokenizer",
-        "audio_token_detokenizer"]))
-    pipe.set_progress_bar_config(disable=True)
-    rate = pipe.vae.config.sampling_rate
+        self._one(jobs[0], -1)
+        return [self._one(job, i) for i, job in enumerate(jobs)]
 
-    def one(job: dict, index: int) -> float:
-        start = time.perf_counter()
-        generator = [torch.Generator().manual_seed(job["seed"] + k) for k in range(job["batch_size"])]
-        n = job["batch_size"]
-        audio = pipe(prompt=[job["caption"]] * n, lyrics=[job["lyrics"]] * n, audio_duration=job["audio_duration"],
-                     num_inference_steps=job["inference_steps"], generator=generator).audios.float().numpy()
+    def _one(self, job: dict, index: int) -> float:
+        import torch
+
+        from models.audio_io import encode_audio
+
+        start, n, rate = time.perf_counter(), job["batch_size"], self.pipe.vae.config.sampling_rate
+        generator = [torch.Generator().manual_seed(job["seed"] + k) for k in range(n)]
+        audio = self.pipe(prompt=[job["caption"]] * n, lyrics=[job["lyrics"]] * n,
+                          audio_duration=job["audio_duration"], num_inference_steps=job["inference_steps"],
+                          generator=generator).audios.float().numpy()
         for k, waveform in enumerate(audio):
-            (out_dir / f"seq-{index}-{k}.{job['audio_format']}").write_bytes(
+            (self.out_dir / f"seq-{index}-{k}.{job['audio_format']}").write_bytes(
                 encode_audio(waveform[..., : round(job["audio_duration"] * rate)], rate, job["audio_format"]))
         return time.perf_counter() - start
-
-    one(jobs[0], -1)  # warm-up
-    return [one(job, i) for i, job in enumerate(jobs)]
 
 
 # -- the served pipeline ---------------------------------------------------------------------------------------------
@@ -214,12 +221,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. Upstream's policy, in this process, before Ray starts: one job at a time.
     print(f"[bench] sequential AceStepPipeline, {args.sequential_jobs or args.jobs} jobs ...", file=sys.stderr)
-    sequential = run_sequential(args.preset, jobs[: args.sequential_jobs or args.jobs], work, None)
+    baseline = SequentialBaseline(args.preset, work)
+    sequential = baseline.run(jobs[: args.sequential_jobs or args.jobs], os.cpu_count())
     results["sequential_jobs_per_s"] = len(sequential) / sum(sequential)
-    results["pipeline_latency_s"] = statistics.median(run_sequential(args.preset, [jobs[0]] * 3, work, None))
+    results["pipeline_latency_s"] = statistics.median(baseline.run([jobs[0]] * 3, os.cpu_count()))
     # The same, on the threads one stage gets: what the serving path adds, apart from the thread count.
-    results["pipeline_latency_stage_threads_s"] = statistics.median(
-        run_sequential(args.preset, [jobs[0]] * 3, work, threads or 1))
+    results["pipeline_latency_stage_threads_s"] = statistics.median(baseline.run([jobs[0]] * 3, threads or 1))
+    del baseline
 
     port = _free_port()
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,

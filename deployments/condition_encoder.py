@@ -12,30 +12,22 @@ from deployments.stage import FrameBudget, StageReplica
 from jobs.config import FilesConfig, QueueConfig
 from jobs.metrics import metrics
 from models.condition import ConditionEngine, ConditionRequest, ConditionResult
-from models.loading import ModelConfig, load_vae_config
+from models.loading import ModelConfig
 
 logger = logging.getLogger(__name__)
 
 
-# Sized by the latent frames of the audio each request conditions (the frame rate comes from the VAE config).
+# Sized by the latent frames of the audio each request conditions (the frame rate is the loaded engine's).
 _budget = FrameBudget(lambda request: 0)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32, health_check_period_s=10)
 class ConditionEncoder(StageReplica):
-    engine_class, stage = ConditionEngine, "condition"
+    engine_class, stage, batched, budget = ConditionEngine, "condition", "encode", _budget
 
     async def __init__(self, model: ModelConfig, registry_name: str, queue: QueueConfig, files: FilesConfig):
-        vae = load_vae_config(model)
-        per_second = vae["sampling_rate"] / math.prod(vae["downsampling_ratios"])
-        _budget.frames_of = lambda request: math.ceil(request.audio_duration * per_second)
         await self.start(model, registry_name, queue, files)
-
-    def reconfigure(self, user_config: dict) -> None:
-        _budget.apply(self.encode, user_config)
-
-    def slots(self) -> int:
-        return _budget.config.max_batch_size
+        _budget.frames_of = lambda request: math.ceil(request.audio_duration * self.engine.latents_per_second)
 
     @serve.batch(max_batch_size=16384, batch_wait_timeout_s=0.02, batch_size_fn=_budget)
     async def encode(self, requests: list[ConditionRequest]) -> list[ConditionResult]:

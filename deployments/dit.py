@@ -45,7 +45,7 @@ class DiT(StageReplica):
         metrics().stage_batch_size.observe(jobs, tags={"stage": "dit"})
         metrics().dit_step_seconds.observe(seconds)
 
-    async def _on_progress(self, seconds: float, steps: dict[str, tuple[int, int]]) -> list[str]:
+    async def _on_progress(self, steps: dict[str, tuple[int, int]]) -> list[str]:
         """Report the steps; the registry answers which of these jobs stopped (canceled, timed out, lease lost)."""
         return await self.registry.call("report_steps", steps) if steps else []
 

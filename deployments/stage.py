@@ -100,12 +100,15 @@ class StageReplica:
     """What the three stage deployments share: load the engine, warm it up, report health, load and readiness.
 
     A subclass sets `engine_class` and `stage`, calls `await self.start(model, registry_name, ...)` from its
-    constructor, adds its batched method and `reconfigure`, counts `self.jobs_done`, and says how many jobs it takes
-    at once (`slots`).
+    constructor, adds its batched method and counts `self.jobs_done` in it. A `@serve.batch` stage names that method
+    (`batched`) and its `FrameBudget` (`budget`), which `reconfigure` and `slots` use; a stage that batches otherwise
+    overrides both.
     """
 
     engine_class: type
     stage: str
+    batched: str
+    budget: FrameBudget
 
     async def start(self, model: Any, registry_name: str, queue: Any, files: Any) -> None:
         self.guard = EngineGuard(self.stage, model.threads(self.stage))
@@ -118,8 +121,12 @@ class StageReplica:
         self.registry = RegistryClient(registry_name, queue, files)
         self._reporter = asyncio.get_running_loop().create_task(self._report_loop())
 
+    def reconfigure(self, user_config: dict) -> None:
+        self.budget.apply(getattr(self, self.batched), user_config)
+
     def slots(self) -> int:
-        raise NotImplementedError
+        """Jobs this replica takes at once (what the registry dispatches against)."""
+        return self.budget.config.max_batch_size
 
     async def _report_loop(self) -> None:
         while True:

@@ -58,8 +58,8 @@ class _Entry:
     canceled: bool = False
 
 
-# (step seconds, {job tag: (step, total)}) -> tags to stop now (canceled or timed out jobs)
-ProgressCallback = Callable[[float, dict[str, tuple[int, int]]], Awaitable["set[str] | list[str] | None"]]
+# {job tag: (step, total)} -> tags to stop now (canceled or timed out jobs)
+ProgressCallback = Callable[[dict[str, tuple[int, int]]], Awaitable["set[str] | list[str] | None"]]
 
 
 class StepScheduler:
@@ -191,7 +191,7 @@ class StepScheduler:
         seconds = time.perf_counter() - start
         if self.on_batch:
             self.on_batch(len(group), seconds)
-        self._progress(seconds, {e.request.tag: (e.state.step, e.state.total) for e in group})
+        self._progress({e.request.tag: (e.state.step, e.state.total) for e in group})
         for entry in group:
             if entry.request.tag in self._stop:
                 entry.canceled = True
@@ -203,7 +203,7 @@ class StepScheduler:
             if state.done:
                 state.result = state.latents()
 
-    def _progress(self, seconds: float, steps: dict[str, tuple[int, int]]) -> None:
+    def _progress(self, steps: dict[str, tuple[int, int]]) -> None:
         """Report without waiting: the answer (jobs to stop) is applied after a later step."""
         if self.on_progress is None:
             return
@@ -211,7 +211,7 @@ class StepScheduler:
             if not self._report.done():
                 return  # the last report is still on its way; progress is advisory
             self._stop = set(self._report.result() or ()) if not self._report.exception() else set()
-        self._report = asyncio.get_running_loop().create_task(self.on_progress(seconds, steps))
+        self._report = asyncio.get_running_loop().create_task(self.on_progress(steps))
 
     def _retire(self) -> None:
         still = []
