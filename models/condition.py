@@ -85,17 +85,22 @@ class ConditionEngine:
         rows += [(i, TASK_INSTRUCTIONS["text2music"]) for i, r in enumerate(requests)
                  if r.task_type == "cover" and r.audio_cover_strength < 1.0]
 
-        # 1. Encode prompts (AceStepPipeline.encode_prompt, but with per-request metadata). Right padding is exact
-        #    for both: the Qwen3 text encoder is causal, and lyrics only go through its embedding table.
+        # 1. Encode prompts (AceStepPipeline.encode_prompt, but with per-request metadata). Pad on the right whatever
+        #    the tokenizer declares (Qwen3-Embedding's says left): left padding would shift a shorter row's RoPE
+        #    positions in the text encoder and the lyric encoder, so its conditions would depend on its batch-mates.
+        #    The text encoder gets the mask so that no valid token attends to padding whatever the encoder (a causal
+        #    one would not anyway); the condition encoder drops padded positions. Alone nothing is padded: the
+        #    pipeline's batch-of-one tokens.
         texts, lyrics = zip(*(pipe._format_prompt(
             prompt=requests[i].caption, lyrics=requests[i].lyrics, vocal_language=requests[i].vocal_language,
             audio_duration=requests[i].audio_duration, instruction=instruction, bpm=requests[i].bpm,
             keyscale=requests[i].keyscale, timesignature=requests[i].timesignature) for i, instruction in rows))
-        text_inputs = pipe.tokenizer(list(texts), padding="longest", truncation=True, max_length=max_text_length,
-                                     return_tensors="pt").to(device)
-        lyric_inputs = pipe.tokenizer(list(lyrics), padding="longest", truncation=True, max_length=max_lyric_length,
-                                      return_tensors="pt").to(device)
-        text_hidden_states = pipe.text_encoder(input_ids=text_inputs.input_ids).last_hidden_state
+        text_inputs = pipe.tokenizer(list(texts), padding="longest", padding_side="right", truncation=True,
+                                     max_length=max_text_length, return_tensors="pt").to(device)
+        lyric_inputs = pipe.tokenizer(list(lyrics), padding="longest", padding_side="right", truncation=True,
+                                      max_length=max_lyric_length, return_tensors="pt").to(device)
+        text_hidden_states = pipe.text_encoder(input_ids=text_inputs.input_ids,
+                                               attention_mask=text_inputs.attention_mask).last_hidden_state
         lyric_hidden_states = pipe.text_encoder.get_input_embeddings()(lyric_inputs.input_ids)
 
         # 2. Source latents and chunk masks per request (lengths differ).

@@ -5,8 +5,9 @@ A *component set* is the dict of modules `diffusers.AceStepPipeline(**components
 
 Presets keep the real architecture (diffusers / transformers classes) and the real audio contract of the released
 checkpoints: 48 kHz stereo, a 1920-sample VAE hop (25 latent frames per second) and 64 latent channels. Only widths
-and depths shrink. `tiny` is the default: a few MB, seeded, noise-like audio, fast on any CPU. The full-size presets
-(`turbo`, `base`, `xl-turbo`) instantiate the released shapes with random weights for GPU benchmarks.
+and depths shrink. `tiny` is the default: a few MB, seeded, noise-like audio, fast on any CPU; `tiny-base` is `tiny`
+with a base (CFG) DiT. The full-size presets (`turbo`, `base`, `xl-turbo`) instantiate the released shapes with random
+weights for GPU benchmarks.
 """
 
 from __future__ import annotations
@@ -90,6 +91,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "xl-turbo": dict(transformer=_dit(2560, 9728, 32, 32, 8, 128, 128, encoder_hidden_size=2048, is_turbo=True,
                                       model_version="turbo"), **_FULL_CONDITIONING),
 }
+# `tiny` with a base (non-turbo) DiT, so that the pipeline and the DiT engine run CFG with APG guidance, the sampling
+# path of the base / SFT checkpoints. The flags build no other modules: same seed, same weights as `tiny`.
+PRESETS["tiny-base"] = {**PRESETS["tiny"],
+                        "transformer": {**PRESETS["tiny"]["transformer"], "is_turbo": False, "model_version": "base"}}
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>"]
 
