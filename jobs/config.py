@@ -22,6 +22,8 @@ class QueueConfig(BaseModel):
     lease_seconds: float = Field(60.0, gt=0, description="A running job whose driver sends no heartbeat for this "
                                  "long is requeued (or failed after max_attempts).")
     max_attempts: int = Field(2, ge=1, description="Attempts per job before a lost lease fails it.")
+    stage_retries: int = Field(2, ge=0, le=10, description="Times a stage call is sent again when its replica went "
+                               "away (scaled down, redeployed, died) before the attempt counts as lost.")
     job_timeout_s: float = Field(1800.0, gt=0, description="A job still running this long after it started fails "
                                  "(deadline exceeded); its work stops at the next diffusion step.")
     retention_s: float = Field(7 * 24 * 3600.0, gt=0, description="Finished jobs, their audio and idempotency keys "
@@ -29,6 +31,9 @@ class QueueConfig(BaseModel):
     default_duration_s: float = Field(30.0, ge=1, le=600, description="Duration of a text2music job that gives none.")
     max_duration_s: float = Field(600.0, ge=1, le=600, description="Longest audio_duration accepted.")
     max_outputs_per_job: int = Field(8, ge=1, le=8, description="Largest batch_size accepted.")
+    max_audio_seconds_per_job: float = Field(4800.0, ge=1, description="Largest duration x outputs accepted (the "
+                                             "AudioCodec's memory grows with it: see the README's memory bound). "
+                                             "The default admits every job the two limits above allow.")
 
 
 class FilesConfig(BaseModel):
@@ -40,7 +45,9 @@ class FilesConfig(BaseModel):
                             "(s3://bucket/prefix): generated audio, served by /v1/audio.")
     storage_options: dict = Field(default_factory=dict, description="fsspec options for output_dir, e.g. "
                                   "{client_kwargs: {endpoint_url: ...}} for an S3-compatible store.")
-    upload_dir: str = Field("var/uploads", description="Uploaded reference/source audio, removed when the job ends.")
+    upload_dir: str = Field("var/uploads", description="Uploaded reference/source audio, removed when the job ends: "
+                            "a directory or an fsspec URL, like output_dir (with the same storage_options), so that "
+                            "the ingress, the codec and the registry may run on different nodes.")
     allowed_input_dirs: list[str] = Field(default_factory=list, description="Directories that *_audio_path "
                                           "parameters may point into (after resolving symlinks and '..').")
     journal_path: str | None = Field("var/registry.sqlite3", description="SQLite journal of the job registry "
@@ -52,7 +59,7 @@ class FilesConfig(BaseModel):
         """Relative directories made absolute against the builder's working directory, so every replica agrees."""
         return self.model_copy(update={
             "output_dir": self.output_dir if "://" in self.output_dir else str(Path(self.output_dir).resolve()),
-            "upload_dir": str(Path(self.upload_dir).resolve()),
+            "upload_dir": self.upload_dir if "://" in self.upload_dir else str(Path(self.upload_dir).resolve()),
             "allowed_input_dirs": [str(Path(d).resolve()) for d in self.allowed_input_dirs],
             "journal_path": str(Path(self.journal_path).resolve()) if self.journal_path else None})
 

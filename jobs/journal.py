@@ -27,6 +27,8 @@ class Journal:
         # The default rollback journal, not WAL: WAL needs shared memory that network volumes (a Kubernetes RWX
         # claim) do not give. Each save is its own committed transaction before the registry answers.
         self._db.execute(f"CREATE TABLE IF NOT EXISTS {self.table} (job_id TEXT PRIMARY KEY, record TEXT NOT NULL)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS registry_config (name TEXT PRIMARY KEY, config TEXT NOT NULL)")
+        self.name = name
 
     def save(self, job_id: str, record: dict[str, Any]) -> None:
         with self._lock:
@@ -40,6 +42,17 @@ class Journal:
     def load(self) -> list[dict[str, Any]]:
         with self._lock:
             return [json.loads(row[0]) for row in self._db.execute(f"SELECT record FROM {self.table}")]
+
+    def save_config(self, config: dict[str, Any]) -> None:
+        """The latest deploy's registry config, which a restarted actor (created with older arguments) reads back."""
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO registry_config (name, config) VALUES (?, ?)",
+                             (self.name, json.dumps(config)))
+
+    def load_config(self) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT config FROM registry_config WHERE name = ?", (self.name,)).fetchone()
+        return json.loads(row[0]) if row else None
 
     def close(self) -> None:
         with self._lock:

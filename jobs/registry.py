@@ -6,29 +6,38 @@ run than those slots add up to (capped by `max_running_jobs`). So a queued job's
 line, and `eta_seconds = queue_position * avg_job_seconds`, where `avg_job_seconds` is the effective seconds per job
 at the current parallelism (see `avg_job_seconds`). A driver keeps its lease alive with heartbeats; a lease that
 lapses (the driver died) puts the job back at the head of the line, or fails it after `max_attempts`, so no job
-waits forever. Status only moves forward: queued -> running -> succeeded | failed | canceled (and queued -> canceled).
+waits forever. Status only moves forward: queued -> running -> succeeded | failed | canceled (and queued -> canceled);
+a job that ended is never leased again.
 
-Every state change is journaled (SQLite) before the method returns; a restarted registry reads the journal back.
-Finished jobs, their files and their idempotency keys expire after `retention_s`.
+Each lease is one attempt, named `<job_id>#<n>` (`attempt_id`). Drivers and stages carry that id, and the registry
+answers only the current attempt of a running job: reports, results and heartbeats of an older attempt are refused,
+which tells its driver and stages to stop.
+
+Every state change is journaled (SQLite) before the method returns; a restarted registry reads the journal back,
+and with it the configuration of the latest deploy. Finished jobs, their files and their idempotency keys expire
+after `retention_s`. No call walks the jobs: running and leased jobs have their own index, and what falls due
+(lease ends, deadlines, expiry of finished jobs) comes off time-ordered heaps, so a poll costs the same with 10,000
+retained jobs as with none; deletes in storage run off the actor's event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import heapq
 import logging
-import shutil
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 
+from deployments.logs import configure_replica_logging
 from jobs.config import FilesConfig, QueueConfig
 from jobs.journal import Journal
 from jobs.metrics import metrics
-from jobs.storage import ResultStore
+from jobs.storage import ResultStore, UploadStore
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +71,20 @@ class JobRecord:
     def durable(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("volatile")}
 
+    @property
+    def attempt_id(self) -> str:
+        return attempt_id(self.job_id, self.attempts)
+
+
+def attempt_id(job_id: str, attempt: int) -> str:
+    """`<job_id>#<n>`: what a driver and its stage calls carry for the n-th attempt of a job."""
+    return f"{job_id}#{attempt}"
+
+
+def split_attempt(attempt: str) -> tuple[str, int]:
+    job_id, _, number = attempt.rpartition("#")
+    return (job_id, int(number)) if job_id and number.isdigit() else (attempt, -1)
+
 
 @dataclass
 class StageLoad:
@@ -71,6 +94,7 @@ class StageLoad:
     slots: int  # jobs it takes at once
     busy_s: float  # cumulative seconds spent computing
     jobs_done: int  # cumulative jobs finished
+    in_flight: int = 0  # jobs inside the replica now
     seconds_per_job: float | None = None  # smoothed busy seconds per finished job
 
 
@@ -79,24 +103,59 @@ class JobRegistry:
 
     def __init__(self, config: QueueConfig, files: FilesConfig | None = None, name: str = "acestep"):
         """Without `files` (unit tests) nothing touches the disk: no journal, no result files to expire."""
-        self.config = config
-        self.store = ResultStore(files.output_dir, files.storage_options) if files else None
+        configure_replica_logging()  # as an actor: our loggers at INFO into its worker log
+        self.name = name
+        self.config, self.files = config, files
         self.journal = Journal(files.journal_path, name) if files and files.journal_path else None
+        if self.journal:  # a restarted actor gets its creation arguments: the latest deploy's config is journaled
+            saved = self.journal.load_config()
+            if saved:
+                self.config, self.files = QueueConfig(**saved["queue"]), FilesConfig(**saved["files"])
+                if self.files.journal_path != files.journal_path:
+                    self.journal = Journal(self.files.journal_path, name) if self.files.journal_path else None
+        self._open_stores()
         self.jobs: dict[str, JobRecord] = {}
         self.queue: deque[str] = deque()  # never-started jobs, FIFO
         self.retry_queue: deque[str] = deque()  # started jobs whose lease lapsed, served first
+        self.running: set[str] = set()  # status "running": leased, or waiting in retry_queue
+        self.leased: set[str] = set()  # running and held by a driver
+        self.counts: Counter[str] = Counter()  # jobs by status
+        # Heaps, so that no call walks the jobs: (finished_at, job_id) of finished jobs; (lease_until, job_id,
+        # attempt) of every lease granted or extended (stale entries are skipped when they come up); (deadline,
+        # job_id) of running jobs.
+        self.expiry: list[tuple[float, str]] = []
+        self.lease_ends: list[tuple[float, str, int]] = []
+        self.deadlines: list[tuple[float, str]] = []
+        self._deletes: set[asyncio.Task] = set()
         self.idempotency: dict[str, str] = {}  # key -> job id
         # Seconds between job ends while jobs waited: (time.monotonic() at the end, interval x DiT replicas then).
         self.intervals: deque[tuple[float, float]] = deque(maxlen=config.avg_window)
         self._last_end: tuple[float, bool] | None = None  # (when, whether jobs were waiting then)
         self.stages: dict[str, dict[str, StageLoad]] = {}  # stage -> replica -> its last report
         self._work = asyncio.Event()
-        self._last_sweep = 0.0
         self._recover()
 
-    async def configure(self, config: QueueConfig) -> None:
-        """A redeploy with new queue settings reaches the registry that outlived the old app."""
+    def _open_stores(self) -> None:
+        files = self.files
+        self.store = ResultStore(files.output_dir, files.storage_options) if files else None
+        self.uploads = UploadStore(files.upload_dir, files.storage_options) if files else None
+
+    async def configure(self, config: QueueConfig, files: FilesConfig | None = None) -> None:
+        """The current deploy's config wins over what the registry (which outlives apps) was created with, also
+        after the actor restarts: it is journaled, and a moved journal gets every job copied over."""
+        if config.job_timeout_s != self.config.job_timeout_s:
+            self.deadlines = [(self.jobs[j].started_at + config.job_timeout_s, j) for j in self.running]
+            heapq.heapify(self.deadlines)
         self.config = config
+        if files is not None and files != self.files:
+            if files.journal_path != (self.files.journal_path if self.files else None):
+                self.journal = Journal(files.journal_path, self.name) if files.journal_path else None
+                for job in self.jobs.values():
+                    self._save(job)
+            self.files = files
+            self._open_stores()
+        if self.journal and self.files:
+            self.journal.save_config({"queue": self.config.model_dump(), "files": self.files.model_dump()})
 
     # -- clients -------------------------------------------------------------------------------------------------
     async def submit(self, job_id: str, spec: dict[str, Any], upload_dir: str | None = None,
@@ -104,21 +163,24 @@ class JobRegistry:
         """Enqueue; or refuse without keeping any record when the queue is full.
 
         With an idempotency `(key, fingerprint)`: a known key with the same fingerprint answers with the existing job
-        (`"duplicate": True`), with another fingerprint `{"conflict": job_id}`.
+        (`"duplicate": True`), with another fingerprint `{"conflict": job_id}`. A job id already known (the client
+        retried a submit whose answer a registry restart lost) answers with that job: it is never queued twice.
         """
         self._sweep()
+        if job_id in self.jobs:
+            return self._existing(self.jobs[job_id])
         if idempotency is not None and idempotency[0] in self.idempotency:
             existing = self.jobs[self.idempotency[idempotency[0]]]
             if existing.idempotency[1] != idempotency[1]:
                 return {"accepted": False, "conflict": existing.job_id}
-            return {"accepted": True, "duplicate": True, "job_id": existing.job_id, "status": existing.status,
-                    "queue_position": self._position(existing.job_id)}
+            return self._existing(existing)
         if len(self.queue) >= self.config.max_queued_jobs:
             metrics().jobs.inc(tags={"outcome": "rejected"})
             return {"accepted": False, "retry_after_s": max(1, round(self.avg_job_seconds()))}
         job = JobRecord(job_id=job_id, spec=spec, created_at=time.time(), upload_dir=upload_dir,
                         idempotency=tuple(idempotency) if idempotency else None)
         self.jobs[job_id] = job
+        self.counts["queued"] += 1
         if idempotency is not None:
             self.idempotency[idempotency[0]] = job_id
         self.queue.append(job_id)
@@ -126,6 +188,10 @@ class JobRegistry:
         metrics().queue_depth.set(len(self.queue))
         self._work.set()
         return {"accepted": True, "job_id": job_id, "status": "queued", "queue_position": len(self.queue)}
+
+    def _existing(self, job: JobRecord) -> dict[str, Any]:
+        return {"accepted": True, "duplicate": True, "job_id": job.job_id, "status": job.status,
+                "queue_position": self._position(job.job_id)}
 
     async def view(self, job_id: str) -> dict[str, Any] | None:
         self._reap()
@@ -138,38 +204,33 @@ class JobRegistry:
             "job_id": job.job_id, "status": job.status, "created_at": job.created_at, "started_at": job.started_at,
             "finished_at": job.finished_at, "queue_position": position,
             "eta_seconds": position * avg if position > 0 else None, "avg_job_seconds": avg,
-            "result": job.result, "error": job.error,
+            "result": job.result, "error": job.error, "attempts": job.attempts,
             "progress": job.progress or ({"stage": "queued", "step": 0, "total": 0} if job.status == "queued"
                                          else {"stage": "done", "step": 0, "total": 0} if job.status in TERMINAL
                                          else None),
         }
 
     async def cancel(self, job_id: str) -> str | None:
-        """Cancel a queued or running job (a running one stops at its next diffusion step). The status after, or
-        None for an unknown job; a finished job keeps its status."""
+        """Cancel a queued or running job (its driver learns at its next heartbeat, the DiT at its next step, and
+        the driver cancels the stage call in flight). The status after, or None for an unknown job; a finished job
+        keeps its status."""
         self._reap()
         job = self.jobs.get(job_id)
         if job is None:
             return None
-        if job.status == "queued":
-            self.queue.remove(job_id)
-            metrics().queue_depth.set(len(self.queue))
         if job.status in ("queued", "running"):
-            if job_id in self.retry_queue:
-                self.retry_queue.remove(job_id)
             job.error = "canceled by the client"
             self._end(job, "canceled")
         return job.status
 
     async def stats(self) -> dict[str, Any]:
         self._reap()
-        counts = dict.fromkeys(("queued", "running", *TERMINAL), 0)
-        for job in self.jobs.values():
-            counts[job.status] += 1
+        counts = {status: self.counts[status] for status in ("queued", "running", *TERMINAL)}
         return {"jobs": {"total": len(self.jobs), **counts}, "queue_size": len(self.queue),
                 "queue_maxsize": self.config.max_queued_jobs, "avg_job_seconds": self.avg_job_seconds(),
                 "running_capacity": self.capacity(),
                 "stages": {stage: {"replicas": len(loads), "slots": sum(l.slots for l in loads),
+                                   "in_flight": sum(l.in_flight for l in loads),
                                    "seconds_per_job": self._stage_seconds_per_job(loads)}
                            for stage, loads in self._live_stages().items()}}
 
@@ -199,12 +260,14 @@ class JobRegistry:
         slots = sum(load.slots for stage in SLOT_STAGES for load in live.get(stage, []))
         return max(1, min(self.config.max_running_jobs, slots)) if slots else self.config.max_running_jobs
 
-    async def report_stage(self, stage: str, replica: str, slots: int, busy_s: float, jobs_done: int) -> dict:
-        """A stage replica's heartbeat: its job slots and its cumulative busy seconds and finished jobs. Answers
-        the backlog (jobs waiting in the registry), which the replica hands to the autoscaler."""
+    async def report_stage(self, stage: str, replica: str, slots: int, busy_s: float, jobs_done: int,
+                           in_flight: int = 0) -> dict:
+        """A stage replica's heartbeat: its job slots, the jobs inside it now, and its cumulative busy seconds and
+        finished jobs. Answers the backlog (jobs waiting in the registry), which the replica hands to the
+        autoscaler."""
         loads = self.stages.setdefault(stage, {})
         previous = loads.get(replica)
-        load = StageLoad(at=time.monotonic(), slots=slots, busy_s=busy_s, jobs_done=jobs_done,
+        load = StageLoad(at=time.monotonic(), slots=slots, busy_s=busy_s, jobs_done=jobs_done, in_flight=in_flight,
                          seconds_per_job=previous.seconds_per_job if previous else None)
         if previous and jobs_done > previous.jobs_done:
             sample = (busy_s - previous.busy_s) / (jobs_done - previous.jobs_done)
@@ -239,11 +302,13 @@ class JobRegistry:
 
     # -- drivers -------------------------------------------------------------------------------------------------
     async def lease(self, driver_id: str, max_jobs: int, wait_s: float = 1.0) -> list[dict[str, Any]]:
-        """Up to `max_jobs` jobs for this driver (waiting up to `wait_s` for one), within `max_running_jobs`."""
+        """Up to `max_jobs` jobs for this driver (waiting up to `wait_s` for one), within `max_running_jobs`.
+
+        Each is `{"job_id", "spec", "attempt", "attempt_id"}`; only jobs still waiting are handed out."""
         deadline = time.monotonic() + wait_s
         while True:
             self._reap()
-            room = min(max_jobs, self.capacity() - self._running_count())
+            room = min(max_jobs, self.capacity() - len(self.leased))
             if room > 0 and (self.queue or self.retry_queue):
                 break
             remaining = deadline - time.monotonic()
@@ -258,54 +323,60 @@ class JobRegistry:
         now = time.time()
         while room > 0 and (self.retry_queue or self.queue):
             job = self.jobs[(self.retry_queue or self.queue).popleft()]
-            job.status, job.driver_id = "running", driver_id
-            if job.started_at is None:
+            if job.status not in ("queued", "running") or job.driver_id is not None:
+                continue  # ended, or leased, while it was in line: never handed out again
+            if job.status == "queued":
+                self._set_status(job, "running")
                 job.started_at = now
+                heapq.heappush(self.deadlines, (now + self.config.job_timeout_s, job.job_id))
                 metrics().job_queue_seconds.observe(now - job.created_at)
+            job.driver_id = driver_id
+            self.leased.add(job.job_id)
             job.attempts += 1
-            job.lease_until = time.monotonic() + self.config.lease_seconds
+            self._extend_lease(job)
             job.progress = {"stage": "starting", "step": 0, "total": 0}
             self._save(job)
-            leased.append({"job_id": job.job_id, "spec": job.spec, "attempt": job.attempts})
+            leased.append({"job_id": job.job_id, "spec": job.spec, "attempt": job.attempts,
+                           "attempt_id": job.attempt_id})
             room -= 1
         metrics().queue_depth.set(len(self.queue))
         return leased
 
-    async def heartbeat(self, job_id: str, driver_id: str, progress: dict[str, Any] | None = None) -> bool:
-        """Extend the lease. False tells the driver to stop: the job is no longer its to run."""
+    async def heartbeat(self, attempt: str, driver_id: str, progress: dict[str, Any] | None = None) -> bool:
+        """Extend the lease of an attempt. False tells the driver to stop: the attempt is no longer its to run."""
         self._reap()
-        job = self._owned(job_id, driver_id)
+        job = self._owned(attempt, driver_id)
         if job is None:
             return False
-        job.lease_until = time.monotonic() + self.config.lease_seconds
+        self._extend_lease(job)
         if progress is not None:
             job.progress = progress
         return True
 
     async def report_steps(self, steps: dict[str, tuple[int, int]]) -> list[str]:
-        """Diffusion progress from the DiT stage, `{job_id: (step, total)}`; answers which of these jobs no longer
-        run (canceled, timed out, lease lost), so the DiT drops them from its batch."""
+        """Diffusion progress from the DiT stage, `{attempt_id: (step, total)}`; answers which of these attempts
+        no longer run (canceled, timed out, lease lost, superseded by a later attempt), so the DiT drops them."""
         self._reap()
         stopped = []
-        for job_id, (step, total) in steps.items():
-            job = self.jobs.get(job_id)
-            if job is None or job.status != "running" or job.driver_id is None:
-                stopped.append(job_id)
+        for attempt, (step, total) in steps.items():
+            job = self._current(attempt)
+            if job is None or job.driver_id is None:
+                stopped.append(attempt)
             else:
                 job.progress = {"stage": "diffusion", "step": step, "total": total}
         return stopped
 
-    async def finish(self, job_id: str, driver_id: str, result: dict[str, Any]) -> bool:
-        job = self._owned(job_id, driver_id)
+    async def finish(self, attempt: str, driver_id: str, result: dict[str, Any]) -> bool:
+        job = self._owned(attempt, driver_id)
         if job is None:
             return False
         job.result = result
         self._end(job, "succeeded")
         return True
 
-    async def fail(self, job_id: str, driver_id: str, error: str, retry: bool = False) -> bool:
+    async def fail(self, attempt: str, driver_id: str, error: str, retry: bool = False) -> bool:
         """Fail the job, or (`retry`, attempts left) put it back at the head of the line."""
-        job = self._owned(job_id, driver_id)
+        job = self._owned(attempt, driver_id)
         if job is None:
             return False
         if retry and job.attempts < self.config.max_attempts:
@@ -316,61 +387,111 @@ class JobRegistry:
         return True
 
     # -- internals -----------------------------------------------------------------------------------------------
-    def _owned(self, job_id: str, driver_id: str) -> JobRecord | None:
+    def _current(self, attempt: str) -> JobRecord | None:
+        """The running job whose current attempt this is."""
+        job_id, number = split_attempt(attempt)
         job = self.jobs.get(job_id)
-        if job is None or job.status != "running" or job.driver_id != driver_id:
+        if job is None or job.status != "running" or job.attempts != number:
             return None
         return job
 
-    def _running_count(self) -> int:
-        return sum(1 for job in self.jobs.values() if job.status == "running" and job.driver_id is not None)
+    def _owned(self, attempt: str, driver_id: str) -> JobRecord | None:
+        job = self._current(attempt)
+        return job if job is not None and job.driver_id == driver_id else None
+
+    def _extend_lease(self, job: JobRecord) -> None:
+        job.lease_until = time.monotonic() + self.config.lease_seconds
+        heapq.heappush(self.lease_ends, (job.lease_until, job.job_id, job.attempts))
+
+    def _set_status(self, job: JobRecord, status: str) -> None:
+        """Every status change goes through here, so the running index and the counts stay exact."""
+        self.counts[job.status] -= 1
+        self.counts[status] += 1
+        job.status = status
+        if status == "running":
+            self.running.add(job.job_id)
+        else:
+            self.running.discard(job.job_id)
+            self.leased.discard(job.job_id)
 
     def _requeue(self, job: JobRecord, reason: str) -> None:
         logger.warning("job %s attempt %d lost (%s); retrying", job.job_id, job.attempts, reason)
         job.history.append(reason)
         job.driver_id = None
+        self.leased.discard(job.job_id)
         job.progress = {"stage": "retry_wait", "step": 0, "total": 0}
         self.retry_queue.append(job.job_id)
         self._save(job)
         self._work.set()
 
     def _reap(self) -> None:
-        """Lapsed leases are retried (or failed), jobs past their deadline fail, expired jobs go."""
-        now, wall = time.monotonic(), time.time()
-        for job in list(self.jobs.values()):
-            if job.status != "running":
-                continue
-            if job.started_at is not None and wall - job.started_at > self.config.job_timeout_s:
+        """Jobs past their deadline fail, lapsed leases are retried (or failed), expired jobs go. Only what is due
+        comes off the heaps: no job is walked."""
+        wall = time.time()
+        while self.deadlines and self.deadlines[0][0] < wall:
+            _, job_id = heapq.heappop(self.deadlines)
+            job = self.jobs.get(job_id)
+            if job is not None and job.status == "running":
                 job.error = f"deadline exceeded: still running after {self.config.job_timeout_s:g} s"
                 self._end(job, "failed")
-            elif job.driver_id is not None and job.lease_until < now:
-                reason = f"job driver {job.driver_id} stopped responding"
-                if job.attempts < self.config.max_attempts:
-                    self._requeue(job, reason)
-                else:
-                    job.error = f"{reason} on attempt {job.attempts} of {self.config.max_attempts}; giving up"
-                    self._end(job, "failed")
+        now = time.monotonic()
+        while self.lease_ends and self.lease_ends[0][0] < now:
+            _, job_id, attempt = heapq.heappop(self.lease_ends)
+            job = self.jobs.get(job_id)
+            if job is None or job_id not in self.leased or job.attempts != attempt or job.lease_until >= now:
+                continue  # ended, requeued, re-leased or extended since this entry
+            reason = f"job driver {job.driver_id} stopped responding"
+            if job.attempts < self.config.max_attempts:
+                self._requeue(job, reason)
+            else:
+                job.error = f"{reason} on attempt {job.attempts} of {self.config.max_attempts}; giving up"
+                self._end(job, "failed")
         self._sweep()
 
     def _sweep(self) -> None:
-        """Forget finished jobs older than `retention_s`, with their files (checked at most once a second)."""
-        wall = time.time()
-        if wall - self._last_sweep < 1.0:
-            return
-        self._last_sweep = wall
-        for job in [j for j in self.jobs.values() if j.status in TERMINAL
-                    and wall - (j.finished_at or wall) > self.config.retention_s]:
-            del self.jobs[job.job_id]
+        """Forget finished jobs older than `retention_s`, oldest first from the expiry heap, with their files
+        (deleted off the event loop)."""
+        horizon = time.time() - self.config.retention_s
+        expired = []
+        while self.expiry and self.expiry[0][0] < horizon:
+            _, job_id = heapq.heappop(self.expiry)
+            job = self.jobs.pop(job_id, None)
+            if job is None:
+                continue
+            self.counts[job.status] -= 1
             if job.idempotency:
                 self.idempotency.pop(job.idempotency[0], None)
-            if self.store:
-                self.store.delete_job(job.job_id)
             if self.journal:
                 self.journal.delete(job.job_id)
+            expired.append(job_id)
+        if expired and self.store:
+            self._off_loop(self._delete_results, expired)
+
+    def _delete_results(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            self.store.delete_job(job_id)
+
+    def _off_loop(self, fn, *args) -> None:
+        """Storage I/O (an object store round trip each) in a thread, never on the actor's event loop."""
+        try:
+            task = asyncio.get_running_loop().create_task(asyncio.to_thread(fn, *args))
+        except RuntimeError:  # no loop (recovery in the constructor): nothing waits on this actor yet
+            fn(*args)
+            return
+        self._deletes.add(task)
+        task.add_done_callback(self._deletes.discard)
 
     def _end(self, job: JobRecord, status: str) -> None:
-        job.status, job.finished_at, job.driver_id = status, time.time(), None
+        was_queued = job.status == "queued"
+        self._set_status(job, status)
+        job.finished_at, job.driver_id = time.time(), None
         job.progress = {"stage": "done", "step": 0, "total": 0}
+        if was_queued:
+            self.queue.remove(job.job_id)
+            metrics().queue_depth.set(len(self.queue))
+        elif job.job_id in self.retry_queue:
+            self.retry_queue.remove(job.job_id)
+        heapq.heappush(self.expiry, (job.finished_at, job.job_id))
         metrics().jobs.inc(tags={"outcome": status})
         if job.started_at is not None:
             metrics().job_seconds.observe(job.finished_at - job.started_at)
@@ -378,8 +499,8 @@ class JobRegistry:
             if self._last_end is not None and self._last_end[1]:
                 self.intervals.append((now, (now - self._last_end[0]) * self._replicas("dit")))
             self._last_end = (now, bool(self.queue or self.retry_queue))
-        if job.upload_dir:  # uploads live only as long as their job
-            shutil.rmtree(job.upload_dir, ignore_errors=True)
+        if job.upload_dir and self.uploads:  # uploads live only as long as their job
+            self._off_loop(self.uploads.delete_job, job.job_id)
         self._save(job)
         self._work.set()  # a slot is free
         logger.info("job %s %s after %.2f s (attempts %d)%s", job.job_id, status,
@@ -399,18 +520,27 @@ class JobRegistry:
         for row in records:
             job = JobRecord(**{**row, "idempotency": tuple(row["idempotency"]) if row["idempotency"] else None})
             self.jobs[job.job_id] = job
+            self.counts[job.status] += 1
             if job.idempotency:
                 self.idempotency[job.idempotency[0]] = job.job_id
             if job.status == "queued":
                 self.queue.append(job.job_id)
-            elif job.status == "running" and job.driver_id is None:
-                self.retry_queue.append(job.job_id)
-                job.progress = {"stage": "retry_wait", "step": 0, "total": 0}
             elif job.status == "running":
-                job.lease_until = lease_until
+                self.running.add(job.job_id)
+                heapq.heappush(self.deadlines, ((job.started_at or job.created_at) + self.config.job_timeout_s,
+                                                job.job_id))
+                if job.driver_id is None:
+                    self.retry_queue.append(job.job_id)
+                    job.progress = {"stage": "retry_wait", "step": 0, "total": 0}
+                else:
+                    self.leased.add(job.job_id)
+                    job.lease_until = lease_until
+                    heapq.heappush(self.lease_ends, (lease_until, job.job_id, job.attempts))
+            else:
+                heapq.heappush(self.expiry, (job.finished_at or job.created_at, job.job_id))
         if records:
             logger.info("recovered %d jobs from %s (%d queued, %d running)", len(records), self.journal.path,
-                        len(self.queue), sum(1 for j in self.jobs.values() if j.status == "running"))
+                        len(self.queue), len(self.running))
 
 
 def registry_actor(name: str, queue: QueueConfig, files: FilesConfig) -> "ray.actor.ActorHandle":

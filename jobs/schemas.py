@@ -35,6 +35,9 @@ ALIASES: dict[str, tuple[str, ...]] = {
 NESTED_KEYS = ("metas", "meta", "metadata", "user_metadata", "userMetadata")
 # Fields whose bad value is an unknown choice rather than a malformed value: 400, as the design asks.
 CHOICE_FIELDS = {"audio_format", "task_type", "model"}
+NUMBER_FIELDS = ("bpm", "audio_duration", "inference_steps", "guidance_scale", "shift", "cfg_interval_start",
+                 "cfg_interval_end", "seed", "batch_size", "repainting_start", "repainting_end",
+                 "audio_cover_strength", "timesteps")
 
 
 class GenerateRequest(BaseModel):
@@ -54,7 +57,9 @@ class GenerateRequest(BaseModel):
     inference_steps: int = Field(8, ge=1, le=200, description="Diffusion steps (turbo models: 8).")
     guidance_scale: float = Field(7.0, ge=0.0, le=30.0, allow_inf_nan=False, description=(
         "Guidance (APG) scale for base models; turbo models ignore it, as upstream."))
-    shift: float = Field(3.0, gt=0.0, le=10.0, allow_inf_nan=False, description="Timestep schedule shift.")
+    shift: float = Field(3.0, ge=0.01, le=10.0, allow_inf_nan=False, description=(
+        "Timestep schedule shift (0.01 to 10). Below about 6e-8 the float32 schedule divides by zero and the job "
+        "could only fail, so the bound is set well clear of it."))
     cfg_interval_start: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False, description="Guidance from here.")
     cfg_interval_end: float = Field(1.0, ge=0.0, le=1.0, allow_inf_nan=False, description="Guidance up to here.")
     use_random_seed: bool = Field(True, description="Draw random seeds; false uses `seed`, `seed+1`, ...")
@@ -79,6 +84,14 @@ class GenerateRequest(BaseModel):
     @classmethod
     def _lowercase(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator(*NUMBER_FIELDS, mode="before")
+    @classmethod
+    def _no_booleans(cls, value: Any) -> Any:
+        """JSON true/false is not a number: pydantic would read it as 1/0, which the published schema forbids."""
+        if isinstance(value, bool) or (isinstance(value, list) and any(isinstance(v, bool) for v in value)):
+            raise ValueError("must be a number, not a boolean")
+        return value
 
     @field_validator("timesteps", mode="before")
     @classmethod
@@ -178,4 +191,80 @@ class JobView(BaseModel):
     avg_job_seconds: float
     result: dict[str, Any] | None
     error: str | None
+    attempts: int = Field(description="Attempts so far: a lost driver or replica lease is retried, up to the "
+                          "server's max_attempts.")
     progress: JobProgress | None
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx answer of the service (and of its framework: 404, 405, 422): one human-readable line."""
+
+    detail: str = Field(description="What was wrong, naming the field and the value it got where there is one.")
+
+
+class JobSubmitted(BaseModel):
+    """`POST /v1/music/generate`'s answer: the job to poll at `GET /v1/jobs/{job_id}`."""
+
+    job_id: str
+    status: Literal["queued", "running", "succeeded", "failed", "canceled"] = Field(description=(
+        "queued for a new job; an Idempotency-Key replay answers the existing job's status."))
+    queue_position: int
+
+
+class ReadyResponse(BaseModel):
+    """`GET /readyz` once every stage is ready."""
+
+    status: Literal["ready"]
+    stages: list[str]
+
+
+_SCHEMA_METADATA = ("title", "description", "default")
+_ABSENT = [{"type": "null"}, {"const": ""}]
+_SPACE = r"[\s\x85]*"  # what pydantic strips around a number (Unicode White_Space)
+
+
+def _any_case(word: str) -> str:
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in word)
+
+
+# Text pydantic reads as a number or a boolean: what form fields carry, and what upstream's JSON clients may send.
+_NUMBER_TEXT = {"type": "string",
+                "pattern": rf"^{_SPACE}[+-]?([0-9_]+\.?[0-9_]*|\.[0-9_]+)([eE][+-]?[0-9_]+)?{_SPACE}$"}
+_BOOLEAN_TEXT = {"type": "string", "pattern": "^(" + "|".join(_any_case(w) for w in (
+    "0", "1", "true", "false", "t", "f", "yes", "no", "y", "n", "on", "off")) + ")$"}
+
+
+def _lenient(option: dict[str, Any]) -> list[dict[str, Any]]:
+    """`option` and the other spellings of it that the server accepts."""
+    kind = option.get("type")
+    if "enum" in option:  # audio_format, task_type: stripped and lower-cased first
+        space = r"[\s\x1c-\x1f\x85]*"  # what str.strip() removes
+        words = "|".join(_any_case(v) for v in option["enum"])
+        return [option, {"type": "string", "pattern": f"^{space}({words}){space}$"}]
+    if kind in ("integer", "number"):
+        return [option, _NUMBER_TEXT]
+    if kind == "boolean":
+        return [option, {"enum": [0, 1]}, _BOOLEAN_TEXT]
+    if kind == "array":  # timesteps: also "0.9,0.5,0.2"
+        items = {"anyOf": _lenient(option["items"])} if "items" in option else {}
+        return [{**option, "items": items}, {"type": "string"}]
+    return [option]
+
+
+def generate_request_schema() -> dict[str, Any]:
+    """The published JSON Schema of the generate request: `GenerateRequest`'s, widened to what the server accepts
+    before validating it (`normalize_payload`, pydantic's lax mode), as upstream did:
+
+    - null and "" in any field mean "absent: use the default", e.g. `audio_format: ""` is mp3;
+    - numbers and booleans may be sent as text ("30", "true", "0"), as every form field is, and 0/1 as booleans;
+    - audio_format and task_type are case-insensitive; timesteps may be a comma-separated string.
+    Cross-field rules (repainting_end > repainting_start, ...) and this server's limits are not in it (422)."""
+    schema = GenerateRequest.model_json_schema()
+    properties = {}
+    for name, prop in schema["properties"].items():
+        meta = {k: prop[k] for k in _SCHEMA_METADATA if k in prop}
+        rule = {k: v for k, v in prop.items() if k not in _SCHEMA_METADATA}
+        options = [o for o in rule.get("anyOf", [rule]) if o != {"type": "null"}]
+        meta["description"] = (meta.get("description", "") + " Null or empty: the default.").strip()
+        properties[name] = {**meta, "anyOf": [*(x for o in options for x in _lenient(o)), *_ABSENT]}
+    return {**schema, "properties": properties}

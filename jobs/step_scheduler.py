@@ -56,6 +56,7 @@ class _Entry:
     arrived: float = field(default_factory=time.monotonic)
     state: Any = None  # the engine's sampling state, once admitted
     canceled: bool = False
+    record: dict[str, Any] = field(default_factory=dict)  # max_jobs_per_pass: the most jobs it shared a pass with
 
 
 # {job tag: (step, total)} -> tags to stop now (canceled or timed out jobs)
@@ -81,7 +82,6 @@ class StepScheduler:
         self.active: list[_Entry] = []
         self._wake = asyncio.Event()
         self._report: asyncio.Task | None = None
-        self._stop: set[str] = set()
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     @property
@@ -93,9 +93,12 @@ class StepScheduler:
         if self._task.done():
             raise RuntimeError(f"DiT scheduler stopped: {self._task.exception()!r}")
 
-    async def submit(self, request: Any) -> np.ndarray | None:
-        """The job's latents, or None when it was stopped before its last step."""
-        entry = _Entry(request, asyncio.get_running_loop().create_future())
+    async def submit(self, request: Any, record: dict[str, Any] | None = None) -> np.ndarray | None:
+        """The job's latents, or None when it was stopped before its last step. `record` (if given) receives
+        `max_jobs_per_pass`: the most jobs this one shared a forward pass with, itself included."""
+        entry = _Entry(request, asyncio.get_running_loop().create_future(), record=record if record is not None
+                       else {})
+        entry.record["max_jobs_per_pass"] = 0
         self.pending.append(entry)
         self._wake.set()
         try:
@@ -118,7 +121,11 @@ class StepScheduler:
                 groups.setdefault(entry.state.key, []).append(entry)
             for group in groups.values():
                 for forward in self._by_length(group):
-                    await self._step(forward)
+                    # A stop that arrived during an earlier pass of this round applies to this one already.
+                    forward = [e for e in forward if not e.canceled]
+                    if forward:
+                        await self._step(forward)
+            self._progress({e.request.tag: (e.state.step, e.state.total) for e in self.active if not e.canceled})
             self._retire()
 
     async def _wait_for_company(self) -> None:
@@ -189,12 +196,10 @@ class StepScheduler:
                     entry.future.set_exception(exc)
             return
         seconds = time.perf_counter() - start
+        for entry in group:
+            entry.record["max_jobs_per_pass"] = max(entry.record["max_jobs_per_pass"], len(group))
         if self.on_batch:
             self.on_batch(len(group), seconds)
-        self._progress({e.request.tag: (e.state.step, e.state.total) for e in group})
-        for entry in group:
-            if entry.request.tag in self._stop:
-                entry.canceled = True
 
     def _step_and_collect(self, states: list[Any]) -> None:
         """On the engine thread: one step, then the latents of the jobs it finished (torch stays on that thread)."""
@@ -204,14 +209,22 @@ class StepScheduler:
                 state.result = state.latents()
 
     def _progress(self, steps: dict[str, tuple[int, int]]) -> None:
-        """Report without waiting: the answer (jobs to stop) is applied after a later step."""
-        if self.on_progress is None:
+        """Report a round's steps without waiting. The answer (tags to stop: canceled, timed out, superseded) stops
+        those jobs as soon as it arrives, before the next forward pass whatever the round holds."""
+        if self.on_progress is None or not steps:
             return
-        if self._report is not None:
-            if not self._report.done():
-                return  # the last report is still on its way; progress is advisory
-            self._stop = set(self._report.result() or ()) if not self._report.exception() else set()
+        if self._report is not None and not self._report.done():
+            return  # the last report is still on its way; progress is advisory
         self._report = asyncio.get_running_loop().create_task(self.on_progress(steps))
+        self._report.add_done_callback(self._apply_stops)
+
+    def _apply_stops(self, report: asyncio.Task) -> None:
+        if report.cancelled() or report.exception() is not None:
+            return  # the registry unreachable: the driver's heartbeat and its cancel still stop the job
+        stop = set(report.result() or ())
+        for entry in (*self.active, *self.pending):
+            if entry.request.tag in stop:
+                entry.canceled = True
 
     def _retire(self) -> None:
         still = []

@@ -26,9 +26,9 @@ def test_fifo_positions_eta_and_capacity():
         assert leased["job_id"] == "a" and leased["attempt"] == 1
         assert await reg.lease("d1", 5, wait_s=0) == []  # max_running_jobs=1
         assert (await reg.view("b"))["queue_position"] == 1
-        assert await reg.finish("a", "d1", {"ok": True})
+        assert await reg.finish("a#1", "d1", {"ok": True})
         assert (await reg.view("a"))["status"] == "succeeded"
-        assert not await reg.finish("a", "d1", {})  # status only moves forward
+        assert not await reg.finish("a#1", "d1", {})  # status only moves forward
         assert [j["job_id"] for j in await reg.lease("d1", 5, wait_s=0)] == ["b"]
         stats = await reg.stats()
         assert stats["jobs"] == {"total": 2, "queued": 0, "running": 1, "succeeded": 1, "failed": 0, "canceled": 0}
@@ -45,7 +45,7 @@ def test_lapsed_lease_is_retried_then_failed(monkeypatch):
         assert view["status"] == "running" and view["progress"]["stage"] == "retry_wait"
         [again] = await reg.lease("d2", 1, wait_s=0)
         assert again["attempt"] == 2
-        assert not await reg.heartbeat("j", "dead-driver")  # the old driver lost it
+        assert not await reg.heartbeat("j#1", "dead-driver")  # the old driver lost it
         await asyncio.sleep(0.1)
         view = await reg.view("j")
         assert view["status"] == "failed" and "giving up" in view["error"] and "\n" not in view["error"]
@@ -57,23 +57,25 @@ def test_retryable_failure_requeues_once():
         reg = JobRegistry(QueueConfig(max_attempts=2))
         await reg.submit("j", {})
         await reg.lease("d", 1, wait_s=0)
-        assert await reg.fail("j", "d", "replica died", retry=True)
+        assert await reg.fail("j#1", "d", "replica died", retry=True)
         await reg.lease("d", 1, wait_s=0)
-        assert await reg.fail("j", "d", "replica died again", retry=True)
+        assert not await reg.fail("j#1", "d", "a late report of the first attempt", retry=True)
+        assert await reg.fail("j#2", "d", "replica died again", retry=True)
         assert (await reg.view("j"))["error"] == "replica died again"
     run(scenario())
 
 
 def test_uploads_are_deleted_when_the_job_ends(tmp_path):
     async def scenario():
-        upload = tmp_path / "job"
-        upload.mkdir()
-        (upload / "src_audio").write_bytes(b"x")
-        reg = JobRegistry(QueueConfig())
-        await reg.submit("j", {}, str(upload))
+        reg = JobRegistry(QueueConfig(), files(tmp_path))
+        job_id = "12345678-1234-1234-1234-1234567890ab"
+        reg.uploads.put(reg.uploads.key(job_id, "src_audio"), b"x")
+        await reg.submit(job_id, {}, f"uploads/{job_id}")
         await reg.lease("d", 1, wait_s=0)
-        await reg.fail("j", "d", "boom")
-        assert not upload.exists()
+        await reg.fail(f"{job_id}#1", "d", "boom")
+        await asyncio.wait_for(asyncio.gather(*reg._deletes), 5)  # deleted off the event loop
+        assert reg.uploads.get(reg.uploads.key(job_id, "src_audio")) is None
+        assert not (tmp_path / "uploads" / job_id).exists()
     run(scenario())
 
 
@@ -85,7 +87,7 @@ def test_average_is_the_measured_time_between_job_ends_while_jobs_wait():
         for i in range(4):
             [job] = await reg.lease("d", 1, wait_s=0)
             await asyncio.sleep(0.05)
-            await reg.finish(job["job_id"], "d", {})
+            await reg.finish(job["attempt_id"], "d", {})
             assert reg.avg_job_seconds() == (100.0 if i < 3 else pytest.approx(0.05, abs=0.04))
         view = await reg.view("j5")
         assert view["queue_position"] == 2 and view["eta_seconds"] == pytest.approx(2 * view["avg_job_seconds"])
@@ -131,7 +133,8 @@ def test_lease_waits_for_work(wait):
 
 
 def files(tmp_path) -> FilesConfig:
-    return FilesConfig(output_dir=str(tmp_path / "results"), journal_path=str(tmp_path / "journal.sqlite3"))
+    return FilesConfig(output_dir=str(tmp_path / "results"), upload_dir=str(tmp_path / "uploads"),
+                       journal_path=str(tmp_path / "journal.sqlite3"))
 
 
 def test_journal_restores_every_job(tmp_path):
@@ -140,7 +143,7 @@ def test_journal_restores_every_job(tmp_path):
         for name in ("done", "running", "queued1", "queued2"):
             await reg.submit(name, {"n": name})
         await reg.lease("d1", 2, wait_s=0)
-        await reg.finish("done", "d1", {"audio_paths": ["x"]})
+        await reg.finish("done#1", "d1", {"audio_paths": ["x"]})
         await reg.submit("other-app-job", {})
 
     async def second_life():
@@ -149,7 +152,7 @@ def test_journal_restores_every_job(tmp_path):
         assert [(await reg.view(j))["queue_position"] for j in ("queued1", "queued2", "other-app-job")] == [1, 2, 3]
         running = await reg.view("running")
         assert running["status"] == "running"
-        assert await reg.heartbeat("running", "d1")  # its driver, if alive, keeps it
+        assert await reg.heartbeat("running#1", "d1")  # its driver, if alive, keeps it
         assert JobRegistry(QueueConfig(), files(tmp_path), "b").jobs == {}  # another app's table
     run(first_life())
     run(second_life())
@@ -176,9 +179,9 @@ def test_cancel_queued_and_running():
         assert await reg.cancel("b") == "canceled"
         assert (await reg.view("c"))["queue_position"] == 1
         assert await reg.cancel("a") == "canceled"
-        assert not await reg.heartbeat("a", "d")  # the driver stops
-        assert await reg.report_steps({"a": (3, 8)}) == ["a"]  # and the DiT drops it
-        assert not await reg.finish("a", "d", {})
+        assert not await reg.heartbeat("a#1", "d")  # the driver stops
+        assert await reg.report_steps({"a#1": (3, 8)}) == ["a#1"]  # and the DiT drops it
+        assert not await reg.finish("a#1", "d", {})
         view = await reg.view("a")
         assert (view["status"], view["error"]) == ("canceled", "canceled by the client")
         assert await reg.cancel("nope") is None
@@ -215,9 +218,81 @@ def test_retention_deletes_job_files_and_key(tmp_path):
         await reg.submit(job_id, {}, None, ("k", "f"))
         await reg.lease("d", 1, wait_s=0)
         reg.store.put(f"{job_id}/0.mp3", b"x")
-        await reg.finish(job_id, "d", {})
-        await asyncio.sleep(1.1)
+        await reg.finish(f"{job_id}#1", "d", {})
+        await asyncio.sleep(0.1)
         assert await reg.view(job_id) is None
+        await asyncio.wait_for(asyncio.gather(*reg._deletes), 5)  # deleted off the event loop
         assert reg.store.get(f"{job_id}/0.mp3") is None and "k" not in reg.idempotency
         assert JobRegistry(QueueConfig(), cfg).jobs == {}  # gone from the journal too
+    run(scenario())
+
+
+def test_a_job_failed_while_waiting_for_a_retry_is_never_leased_again():
+    async def scenario():
+        reg = JobRegistry(QueueConfig(lease_seconds=0.05, job_timeout_s=0.3, max_attempts=3))
+        await reg.submit("j", {})
+        await reg.lease("dead", 1, wait_s=0)
+        await asyncio.sleep(0.1)  # the lease lapses: back in line for a retry
+        assert (await reg.view("j"))["progress"]["stage"] == "retry_wait"
+        await asyncio.sleep(0.3)  # and its deadline passes while it waits
+        view = await reg.view("j")
+        assert view["status"] == "failed" and view["error"].startswith("deadline exceeded")
+        assert await reg.lease("d2", 1, wait_s=0) == []
+        assert (await reg.view("j"))["status"] == "failed"
+        assert (await reg.stats())["jobs"]["failed"] == 1
+    run(scenario())
+
+
+def test_reports_of_an_older_attempt_are_refused():
+    async def scenario():
+        reg = JobRegistry(QueueConfig(max_attempts=3))
+        await reg.submit("j", {})
+        [first] = await reg.lease("d", 1, wait_s=0)
+        assert first["attempt_id"] == "j#1"
+        assert await reg.fail("j#1", "d", "replica died", retry=True)
+        [second] = await reg.lease("d", 1, wait_s=0)  # the same driver may get the retry
+        assert second["attempt_id"] == "j#2"
+        assert await reg.report_steps({"j#1": (3, 8), "j#2": (1, 8)}) == ["j#1"]  # the orphan stops
+        assert not await reg.heartbeat("j#1", "d") and await reg.heartbeat("j#2", "d")
+        assert not await reg.finish("j#1", "d", {"stale": True})
+        assert await reg.finish("j#2", "d", {"fresh": True})
+        assert (await reg.view("j"))["result"] == {"fresh": True}
+    run(scenario())
+
+
+def test_a_retried_submit_never_queues_the_job_twice(tmp_path):
+    async def scenario():
+        reg = JobRegistry(QueueConfig(), files(tmp_path))
+        assert (await reg.submit("j", {"n": 1}))["queue_position"] == 1
+        # The answer was lost (say the actor restarted after journaling) and the client sent the same call again.
+        reborn = JobRegistry(QueueConfig(), files(tmp_path))
+        again = await reborn.submit("j", {"n": 1})
+        assert again["duplicate"] and again["queue_position"] == 1
+        assert list(reborn.queue) == ["j"] and (await reborn.stats())["jobs"]["queued"] == 1
+    run(scenario())
+
+
+def test_the_latest_deploys_config_wins_also_after_a_restart(tmp_path):
+    async def scenario():
+        old = files(tmp_path)
+        reg = JobRegistry(QueueConfig(max_queued_jobs=5), old)
+        new = old.model_copy(update={"output_dir": str(tmp_path / "elsewhere")})
+        await reg.configure(QueueConfig(max_queued_jobs=1), new)
+        assert reg.store.root == str(tmp_path / "elsewhere") and reg.config.max_queued_jobs == 1
+        # Ray restarts the actor with the arguments it was first created with: the journal has the latest.
+        restarted = JobRegistry(QueueConfig(max_queued_jobs=5), old)
+        assert restarted.store.root == str(tmp_path / "elsewhere") and restarted.config.max_queued_jobs == 1
+        await restarted.submit("a", {})
+        assert not (await restarted.submit("b", {}))["accepted"]
+    run(scenario())
+
+
+def test_stats_show_the_jobs_inside_each_stage():
+    async def scenario():
+        reg = JobRegistry(QueueConfig())
+        await reg.report_stage("dit", "d1", 8, 0.0, 0, in_flight=2)
+        await reg.report_stage("dit", "d2", 8, 0.0, 0, in_flight=1)
+        await reg.report_stage("codec", "c1", 4, 0.0, 0)
+        stages = (await reg.stats())["stages"]
+        assert (stages["dit"]["in_flight"], stages["codec"]["in_flight"]) == (3, 0)
     run(scenario())

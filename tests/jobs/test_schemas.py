@@ -61,3 +61,11 @@ def test_errors_name_field_and_value(raw, status, fragment):
         parse(raw)
     got_status, detail = describe_validation_error(info.value)
     assert got_status == status and fragment in detail
+
+
+@pytest.mark.parametrize("shift", [1e-8, 5e-324, 0.0])
+def test_a_shift_the_schedule_cannot_take_is_refused(shift):
+    """Found by the API fuzzer: such a shift was accepted, and the job then failed in the DiT (NaN timesteps)."""
+    with pytest.raises(ValidationError) as error:
+        parse({"shift": shift})
+    assert describe_validation_error(error.value)[0] == 422

@@ -1,6 +1,7 @@
 """The DiT step scheduler with the real tiny DiT engine, no Ray: who joins a running batch, when, and with what."""
 
 import asyncio
+import dataclasses
 
 import numpy as np
 import pytest
@@ -95,3 +96,37 @@ def test_a_canceled_caller_leaves_the_batch(dit, requests_):
     np.testing.assert_allclose(results[0], alone[0], atol=2e-5)
     np.testing.assert_allclose(results[1], alone[1], atol=2e-5)
     assert batches[-1] == 1 and 3 in batches
+
+
+def test_a_registry_stop_reaches_a_job_in_a_round_of_several_batch_keys(dit, requests_):
+    """Two jobs with different step counts (two forward passes a round). The registry's answer to a progress report
+    stops job0 within one round, whichever pass the answer came back during; job1 runs on to its end."""
+    stepped: dict[str, int] = {}
+
+    class CountingEngine:
+        def __getattr__(self, name):
+            return getattr(dit, name)
+
+        def step(self, states):
+            for state in states:
+                stepped[state.request.tag] = stepped.get(state.request.tag, 0) + 1
+            dit.step(states)
+
+    stop_from = {}
+
+    async def on_progress(steps):
+        if steps.get("job0", (0, 0))[0] >= 2:
+            stop_from.setdefault("step", stepped["job0"])
+            return ["job0"]
+        return []
+
+    async def main():
+        long_job = dataclasses.replace(requests_[0], num_inference_steps=20)
+        scheduler = StepScheduler(CountingEngine(), StepSchedulingConfig(batch_wait_timeout_s=0.05),
+                                  on_progress=on_progress)
+        return await asyncio.gather(scheduler.submit(long_job), scheduler.submit(requests_[1]))
+
+    stopped, finished = asyncio.run(main())
+    assert stopped is None and finished is not None
+    assert stepped["job1"] == 6
+    assert stepped["job0"] <= stop_from["step"] + 2, stepped  # the step in flight, at most one more

@@ -1,0 +1,1 @@
+"""Measurement scripts (run from the repo root as `python -m benchmarks.<name>`)."""
