@@ -81,14 +81,19 @@ class MemorySampler:
 
 # -- the in-process baseline -----------------------------------------------------------------------------------------
 class SequentialBaseline:
-    """Upstream's policy in this process: each job through `AceStepPipeline(...)` and into a file, one at a time."""
+    """Upstream's policy in this process: each job through `AceStepPipeline(...)` and into a file, one at a time.
 
-    def __init__(self, preset: str, out_dir: Path):
+    Every module in `dtype` on the default device (cuda when available), VAE included, as upstream's
+    `AceStepPipeline.from_pretrained(..., torch_dtype=dtype).to("cuda")` runs: the pipeline hands the VAE latents in
+    the DiT's dtype, so a float32 VAE under a bf16 DiT would fail there (the served codec stage casts them itself).
+    """
+
+    def __init__(self, preset: str, out_dir: Path, dtype: str = "float32"):
         from diffusers import AceStepPipeline
 
         from models.loading import ModelConfig, load_components
 
-        self.pipe = AceStepPipeline(**load_components(ModelConfig(preset=preset), [
+        self.pipe = AceStepPipeline(**load_components(ModelConfig(preset=preset, dtype=dtype), [
             "vae", "text_encoder", "tokenizer", "transformer", "condition_encoder", "scheduler", "audio_tokenizer",
             "audio_token_detokenizer"]))
         self.pipe.set_progress_bar_config(disable=True)
@@ -111,7 +116,7 @@ class SequentialBaseline:
         generator = [torch.Generator().manual_seed(job["seed"] + k) for k in range(n)]
         audio = self.pipe(prompt=[job["caption"]] * n, lyrics=[job["lyrics"]] * n,
                           audio_duration=job["audio_duration"], num_inference_steps=job["inference_steps"],
-                          generator=generator).audios.float().numpy()
+                          generator=generator).audios.float().cpu().numpy()  # .cpu(): waits for a GPU too
         for k, waveform in enumerate(audio):
             (self.out_dir / f"seq-{index}-{k}.{job['audio_format']}").write_bytes(
                 encode_audio(waveform[..., : round(job["audio_duration"] * rate)], rate, job["audio_format"]))
@@ -163,7 +168,7 @@ async def drive(url: str, jobs: list[dict], concurrency: int, poll_s: float) -> 
     pairs = [r["eta"] for r in records if "eta" in r and r["eta"][1] > 0]
     etas = [abs(predicted - actual) / actual for predicted, actual in pairs]
     stages = {name: statistics.median(r["stages"].get(name, 0.0) for r in records)
-              for name in ("condition", "diffusion", "decode", "write")}
+              for name in ("condition", "diffusion", "decode")}
     return {"jobs": len(records), "seconds": elapsed, "jobs_per_s": len(records) / elapsed,
             "p50_s": _quantile(latencies, 0.5), "p95_s": _quantile(latencies, 0.95),
             "eta_error_median": statistics.median(etas) if etas else None, "eta_samples": len(etas),
@@ -221,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. Upstream's policy, in this process, before Ray starts: one job at a time.
     print(f"[bench] sequential AceStepPipeline, {args.sequential_jobs or args.jobs} jobs ...", file=sys.stderr)
-    baseline = SequentialBaseline(args.preset, work)
+    baseline = SequentialBaseline(args.preset, work, args.dtype)
     sequential = baseline.run(jobs[: args.sequential_jobs or args.jobs], os.cpu_count())
     results["sequential_jobs_per_s"] = len(sequential) / sum(sequential)
     results["pipeline_latency_s"] = statistics.median(baseline.run([jobs[0]] * 3, os.cpu_count()))
