@@ -1,46 +1,95 @@
-"""Serve shim for stage 3 (`models.codec.AudioCodecEngine`): batched VAE decode, and VAE encode of input audio."""
+"""Serve shim for stage 3 (`models.codec.AudioCodecEngine`): batched VAE decode, then the audio files encoded and
+written next to the decoder (only their keys travel back, never the waveforms), and VAE encode of input audio."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from ray import serve
 
-from deployments.stage import FrameBudget, StageReplica
+from deployments.stage import FrameBudget, ItemFailure, StageReplica
 from jobs.config import FilesConfig, QueueConfig
 from jobs.metrics import metrics
+from jobs.storage import ResultStore, UploadStore
+from models.audio_io import encode_audio, load_audio
 from models.codec import AudioCodecEngine
 from models.loading import ModelConfig
 
 logger = logging.getLogger(__name__)
 
-# Items are (job_id, latents (outputs, frames, channels)): their work is outputs x frames.
-_budget = FrameBudget(lambda item: item[1].shape[0] * item[1].shape[1])
+
+@dataclass
+class DecodeRequest:
+    """One job's latents `(outputs, frames, channels)`, to decode and write as `<job_id>/<index>.<audio_format>`."""
+
+    job_id: str
+    attempt_id: str
+    latents: np.ndarray
+    samples: int  # audio samples per output to keep: the requested duration (the latent grid is 1/25 s)
+    audio_format: str
+
+
+# Items are latents (outputs, frames, channels): their work is outputs x frames.
+_budget = FrameBudget(lambda latents: latents.shape[0] * latents.shape[1])
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32, health_check_period_s=10)
 class AudioCodec(StageReplica):
-    engine_class, stage, batched, budget = AudioCodecEngine, "codec", "decode", _budget
+    engine_class, stage, batched, budget = AudioCodecEngine, "codec", "decode_batch", _budget
 
     async def __init__(self, model: ModelConfig, registry_name: str, queue: QueueConfig, files: FilesConfig):
         await self.start(model, registry_name, queue, files)
+        self.store = ResultStore(files.output_dir, files.storage_options)
+        self.uploads = UploadStore(files.upload_dir, files.storage_options)
+
+    async def decode(self, request: DecodeRequest) -> list[str]:
+        """Decode, trim to the requested duration, encode and store each output; the keys, in output order."""
+        audio = await self.one(self.decode_batch, request.latents)
+        start = time.perf_counter()
+        keys = await asyncio.to_thread(self._write, request, audio[..., : request.samples])
+        logger.info("job %s: wrote %d files in %.3f s", request.attempt_id, len(keys), time.perf_counter() - start)
+        return keys
 
     @serve.batch(max_batch_size=16384, batch_wait_timeout_s=0.02, batch_size_fn=_budget)
-    async def decode(self, items: list[tuple[str, np.ndarray]]) -> list[np.ndarray]:
-        """Items are `(job_id, latents (n, frames, channels))`; returns `(n, channels, samples)` each."""
+    async def decode_batch(self, items: list[np.ndarray]) -> list[np.ndarray | ItemFailure]:
+        """Items are latents `(n, frames, channels)`; returns `(n, channels, samples)` each."""
         metrics().stage_batch_size.observe(len(items), tags={"stage": "decode"})
         start = time.perf_counter()
-        audio = await self.guard.run(self.engine.decode, [latents for _, latents in items])
+        audio = await self.guard.run_batch(self.engine.decode, items)
         self.jobs_done += len(items)
-        logger.info("decode batch of %d in %.3f s, jobs %s", len(items), time.perf_counter() - start,
-                    [job_id for job_id, _ in items])
+        logger.info("decode batch of %d in %.3f s", len(items), time.perf_counter() - start)
         return audio
 
-    async def encode(self, waveform: np.ndarray, kind: str, seed: int | None, job_id: str = "") -> np.ndarray:
+    def _write(self, request: DecodeRequest, audio: np.ndarray) -> list[str]:
+        keys = []
+        for index, waveform in enumerate(audio):
+            key = self.store.key(request.job_id, index, request.audio_format)
+            self.store.put(key, encode_audio(waveform, self.engine.sample_rate, request.audio_format))
+            keys.append(key)
+        return keys
+
+    async def encode(self, source: dict[str, str], kind: str, seed: int | None, attempt_id: str = ""
+                     ) -> tuple[np.ndarray, float]:
+        """Input audio (`{"upload": key}` in the upload store, or `{"path": file}` on a server path) -> its latents
+        `(frames, channels)` and its length in seconds. Read here, so the waveform never travels between replicas."""
+        self.calls_in_flight += 1
         start = time.perf_counter()
-        latents = await self.guard.run(self.engine.encode, waveform, kind, seed)
-        logger.info("encoded %s audio (%d samples) in %.3f s, job %s", kind, waveform.shape[-1],
-                    time.perf_counter() - start, job_id)
-        return latents
+        try:
+            waveform = await asyncio.to_thread(self._load, source)
+            latents = await self.guard.run(self.engine.encode, waveform, kind, seed)
+        finally:
+            self.calls_in_flight -= 1
+        logger.info("job %s: encoded %s audio (%d samples) in %.3f s", attempt_id, kind, waveform.shape[-1],
+                    time.perf_counter() - start)
+        return latents, waveform.shape[-1] / self.engine.sample_rate
+
+    def _load(self, source: dict[str, str]) -> np.ndarray:
+        data = self.uploads.get(source["upload"]) if "upload" in source else Path(source["path"]).read_bytes()
+        if data is None:
+            raise ValueError("the uploaded audio is gone from the upload store")
+        return load_audio(data, self.engine.sample_rate, self.engine.channels)

@@ -1,4 +1,5 @@
-"""Serve shim for stage 1 (`models.condition.ConditionEngine`): batches condition encoding across jobs."""
+"""Serve shim for stage 1 (`models.condition.ConditionEngine`): batches condition encoding across jobs; a request
+whose inputs the engine rejects fails alone, not with its batch-mates."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import time
 
 from ray import serve
 
-from deployments.stage import FrameBudget, StageReplica
+from deployments.stage import FrameBudget, ItemFailure, StageReplica
 from jobs.config import FilesConfig, QueueConfig
 from jobs.metrics import metrics
 from models.condition import ConditionEngine, ConditionRequest, ConditionResult
@@ -23,17 +24,20 @@ _budget = FrameBudget(lambda request: 0)
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32, health_check_period_s=10)
 class ConditionEncoder(StageReplica):
-    engine_class, stage, batched, budget = ConditionEngine, "condition", "encode", _budget
+    engine_class, stage, batched, budget = ConditionEngine, "condition", "encode_batch", _budget
 
     async def __init__(self, model: ModelConfig, registry_name: str, queue: QueueConfig, files: FilesConfig):
         await self.start(model, registry_name, queue, files)
         _budget.frames_of = lambda request: math.ceil(request.audio_duration * self.engine.latents_per_second)
 
+    async def encode(self, request: ConditionRequest) -> ConditionResult:
+        return await self.one(self.encode_batch, request)
+
     @serve.batch(max_batch_size=16384, batch_wait_timeout_s=0.02, batch_size_fn=_budget)
-    async def encode(self, requests: list[ConditionRequest]) -> list[ConditionResult]:
+    async def encode_batch(self, requests: list[ConditionRequest]) -> list[ConditionResult | ItemFailure]:
         metrics().stage_batch_size.observe(len(requests), tags={"stage": "condition"})
         start = time.perf_counter()
-        results = await self.guard.run(self.engine.encode, requests)
+        results = await self.guard.run_batch(self.engine.encode, requests)
         self.jobs_done += len(requests)
         logger.info("condition batch of %d in %.3f s, jobs %s", len(requests), time.perf_counter() - start,
                     [r.tag for r in requests])

@@ -29,17 +29,23 @@ class DiT(StageReplica):
                                        on_progress=self._on_progress, on_batch=self._on_batch)
 
     def reconfigure(self, user_config: dict) -> None:
-        self.scheduler.config = StepSchedulingConfig.model_validate(user_config or {})
+        self.scheduler.config = StepSchedulingConfig.model_validate(self.take_fault(user_config))
 
     def slots(self) -> int:
         return self.scheduler.config.max_batch_size
 
-    async def generate(self, request: DiTRequest) -> np.ndarray | None:
-        """The job's latents `(outputs, frames, channels)`, or None if it was stopped (canceled, timed out)."""
-        latents = await self.scheduler.submit(request)
+    def in_flight(self) -> int:
+        return self.scheduler.jobs
+
+    async def generate(self, request: DiTRequest) -> tuple[np.ndarray | None, int]:
+        """The job's latents `(outputs, frames, channels)`, or None if it was stopped (canceled, timed out,
+        superseded); and the most jobs it shared a forward pass with."""
+        record: dict = {}
+        latents = await self.scheduler.submit(request, record)
         self.jobs_done += latents is not None
-        logger.info("job %s: %s after the DiT", request.tag, "latents" if latents is not None else "stopped")
-        return latents
+        logger.info("job %s: %s after the DiT (at most %d jobs per forward pass)", request.tag,
+                    "latents" if latents is not None else "stopped", record["max_jobs_per_pass"])
+        return latents, record["max_jobs_per_pass"]
 
     def _on_batch(self, jobs: int, seconds: float) -> None:
         metrics().stage_batch_size.observe(jobs, tags={"stage": "dit"})

@@ -8,7 +8,7 @@ import hmac
 import json
 import logging
 import secrets
-import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,10 +25,13 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments import envs
+from deployments.logs import configure_replica_logging
 from jobs.registry import RegistryClient
-from jobs.schemas import MAX_SEED, GenerateRequest, JobView, describe_validation_error, normalize_payload
-from jobs.storage import ResultStore
-from models.audio_io import AudioDecodeError, media_type, probe_audio
+from jobs.schemas import (MAX_SEED, ErrorResponse, GenerateRequest, JobSubmitted, JobView, ReadyResponse,
+                          describe_validation_error, generate_request_schema, normalize_payload)
+from jobs.storage import ResultStore, UploadStore
+from models.audio_io import AudioDecodeError, AudioTooLongError, media_type, probe_audio
+from models.loading import COVER_FROM_SOURCE_PARTS, has_parts
 
 if TYPE_CHECKING:
     from deployments.app import AppArgs
@@ -37,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 UPLOAD_FIELDS = {"reference_audio": "reference_audio", "src_audio": "src_audio",
                  "ref_audio": "reference_audio", "ctx_audio": "src_audio"}  # upstream HEAD's spellings too
+PROBES = ("/health", "/readyz")
 UNSUPPORTED = ("Unsupported Content-Type: {}; use application/json, application/x-www-form-urlencoded, or "
                "multipart/form-data")
 
@@ -74,10 +78,11 @@ async def _registry_down(_request: Request, exc: Exception) -> JSONResponse:
 
 @api.middleware("http")
 async def _require_api_key(request: Request, call_next):
-    """With API keys configured, everything but /health needs `Authorization: Bearer <key>`."""
+    """With API keys configured, everything but the probes (/health, /readyz: load balancers and kubelets send no
+    key) needs `Authorization: Bearer <key>`."""
     digests = envs.API_KEY_SHA256  # module state: Serve runs a frozen copy of `api`, so not `api.state`
     path = request.url.path.removeprefix(request.scope.get("root_path", ""))  # the app may sit under a prefix
-    if digests and path != "/health":
+    if digests and path not in PROBES:
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
         digest = hashlib.sha256(key.strip().encode()).hexdigest()
         if scheme.lower() != "bearer" or not any(hmac.compare_digest(digest, d) for d in digests):
@@ -85,14 +90,26 @@ async def _require_api_key(request: Request, call_next):
     return await call_next(request)
 
 
-_REQUEST_BODY = {"required": False, "content": {
-    "application/json": {"schema": GenerateRequest.model_json_schema()},
-    "application/x-www-form-urlencoded": {"schema": GenerateRequest.model_json_schema()},
-    "multipart/form-data": {"schema": {**GenerateRequest.model_json_schema(), "properties": {
-        **GenerateRequest.model_json_schema()["properties"],
+_REQUEST_SCHEMA = generate_request_schema()  # GenerateRequest's, widened to what the server accepts (upstream's)
+_REQUEST_BODY = {"required": True, "content": {  # no body, no Content-Type: 415
+    "application/json": {"schema": _REQUEST_SCHEMA},
+    "application/x-www-form-urlencoded": {"schema": _REQUEST_SCHEMA},
+    "multipart/form-data": {"schema": {**_REQUEST_SCHEMA, "properties": {
+        **_REQUEST_SCHEMA["properties"],
         "reference_audio": {"type": "string", "format": "binary"},
         "src_audio": {"type": "string", "format": "binary"}}}},
 }}
+
+
+def _errors(described: dict[int, str]) -> dict[int, dict[str, Any]]:
+    """`responses=` entries for error statuses: each answers an ErrorResponse (`{"detail": "..."}`)."""
+    return {status: {"model": ErrorResponse, "description": text} for status, text in described.items()}
+
+
+# 401: every route but the probes, once API keys are configured (the middleware). Every error body is an
+# ErrorResponse, 422 included (our one-line detail, not FastAPI's HTTPValidationError list).
+_AUTH = _errors({401: "Missing or invalid API key (only when API keys are configured)"})
+_REGISTRY = _errors({503: "Job registry unavailable; retry after Retry-After seconds"})
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -127,7 +144,7 @@ def _parse_urlencoded(body: bytes) -> dict[str, Any]:
     return {key: values[0] for key, values in parsed.items()}
 
 
-def _idempotency(request: Request, params: GenerateRequest, uploads: dict[str, bytes]) -> tuple[str, str] | None:
+def _idempotency(request: Request, params: GenerateRequest, uploads: dict[str, "Upload"]) -> tuple[str, str] | None:
     """(Idempotency-Key, fingerprint of the request): the normalised parameters and the uploaded bytes."""
     key = request.headers.get("idempotency-key")
     if key is None:
@@ -136,8 +153,31 @@ def _idempotency(request: Request, params: GenerateRequest, uploads: dict[str, b
         raise HTTPException(400, "Idempotency-Key must be 1 to 255 characters")
     digest = hashlib.sha256(json.dumps(params.model_dump(mode="json"), sort_keys=True).encode())
     for field in sorted(uploads):
-        digest.update(field.encode() + hashlib.sha256(uploads[field]).digest())
+        digest.update(field.encode() + uploads[field].sha256)
     return key, digest.hexdigest()
+
+
+class Upload:
+    """An uploaded file, copied in chunks from the request's spooled part to a local temporary file (hashed on the
+    way), never held in memory whole; probed there, then copied to the upload store."""
+
+    def __init__(self, field: str, part: UploadFile, limit: int):
+        self.field = field
+        self.file = tempfile.NamedTemporaryFile(prefix="acestep-upload-")
+        digest, size = hashlib.sha256(), 0
+        part.file.seek(0)
+        while chunk := part.file.read(1024 * 1024):
+            size += len(chunk)
+            if size > limit:
+                self.close()
+                raise HTTPException(413, f"{field}: upload exceeds the limit of {limit} bytes")
+            digest.update(chunk)
+            self.file.write(chunk)
+        self.file.flush()
+        self.path, self.sha256 = Path(self.file.name), digest.digest()
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def _seeds(params: GenerateRequest) -> list[int]:
@@ -152,24 +192,42 @@ def _seeds(params: GenerateRequest) -> list[int]:
 @serve.ingress(api)
 class Ingress:
     async def __init__(self, args: AppArgs, driver: DeploymentHandle, stages: dict[str, DeploymentHandle]):
+        configure_replica_logging()
         self.args = args
         self.driver = driver  # keeps the driver in the application graph; the ingress never calls it
         self.stages = stages
         self.registry = RegistryClient(args.name, args.queue, args.files)
-        await self.registry.call("configure", args.queue)  # the registry may have outlived an older config
+        await self.registry.call("configure", args.queue, args.files)  # it may have outlived an older config
         envs.API_KEY_SHA256[:] = [d.lower() for d in args.auth.api_key_sha256] + envs.ACESTEP_API_KEY_SHA256
         self.store = ResultStore(args.files.output_dir, args.files.storage_options)
-        self.upload_root = Path(args.files.upload_dir).resolve()
-        self.upload_root.mkdir(parents=True, exist_ok=True)
+        self.uploads = UploadStore(args.files.upload_dir, args.files.storage_options)
+        self.can_cover_from_source = has_parts(args.model, COVER_FROM_SOURCE_PARTS)
         self.allowed_inputs = [Path(d).resolve() for d in args.files.allowed_input_dirs]
 
     # -- endpoints ------------------------------------------------------------------------------------------------
     @api.post("/v1/music/generate", openapi_extra={"requestBody": _REQUEST_BODY}, responses={
-        200: {"description": "Queued"}, 400: {"description": "Bad input"}, 403: {"description": "Path denied"},
-        413: {"description": "Too large"}, 415: {"description": "Unsupported type"}, 422: {"description": "Invalid"},
-        429: {"description": "Queue full"}})
+        200: {"model": JobSubmitted, "description": "Queued (or, for a repeated Idempotency-Key, the existing job)",
+              "links": {"GetJob": {"operationId": "job_v1_jobs__job_id__get",
+                                   "parameters": {"job_id": "$response.body#/job_id"}},
+                        "CancelJob": {"operationId": "cancel_v1_jobs__job_id__cancel_post",
+                                      "parameters": {"job_id": "$response.body#/job_id"}}}},
+        **_errors({400: "Bad input: malformed body, unknown choice (audio_format, task_type, model), unreadable "
+                        "audio, a task without the audio it needs, a bad Idempotency-Key",
+                   403: "A *_audio_path outside the allowed input directories",
+                   409: "Idempotency-Key already used with a different request",
+                   413: "Body, upload or *_audio_path file over the limit",
+                   415: "Unsupported Content-Type",
+                   422: "A value out of range or of the wrong type, or over this server's limits",
+                   429: "Queue full; retry after Retry-After seconds"}), **_AUTH, **_REGISTRY})
     async def generate(self, request: Request) -> JSONResponse:
         raw, uploads = await self._parse_body(request)
+        try:
+            return await self._submit(request, raw, uploads)
+        finally:
+            for upload in uploads.values():
+                upload.close()
+
+    async def _submit(self, request: Request, raw: dict[str, Any], uploads: dict[str, Upload]) -> JSONResponse:
         try:
             params = GenerateRequest.model_validate(normalize_payload(raw))
         except ValidationError as exc:
@@ -177,31 +235,41 @@ class Ingress:
         self._check_limits(params)
         idempotency = _idempotency(request, params, uploads)
         job_id = str(uuid.uuid4())
-        job_dir = self.upload_root / job_id
+        inputs, seconds = {}, {}
+        for field in ("src_audio", "reference_audio"):
+            inputs[field], seconds[field] = await self._input_audio(field, uploads.get(field),
+                                                                    getattr(params, f"{field}_path"))
+        self._check_task(params, inputs)
+        if params.audio_duration is None:  # the source's length is the job's
+            self._check_cost(params, seconds["src_audio"])
+        stored = [field for field in uploads if inputs.get(field)]
         try:
-            inputs = {}
-            for field in ("src_audio", "reference_audio"):
-                inputs[field] = await self._input_audio(field, uploads.get(field), getattr(params, f"{field}_path"),
-                                                        job_dir)
-            if params.task_type == "repaint" and not inputs["src_audio"]:
-                raise HTTPException(400, "task_type repaint needs src_audio (upload) or src_audio_path")
-            if params.task_type == "cover" and not (inputs["src_audio"] or inputs["reference_audio"]):
-                raise HTTPException(400, "task_type cover needs src_audio or reference_audio (upload or *_path)")
+            for field in stored:
+                key = self.uploads.key(job_id, field)
+                await asyncio.to_thread(self._store_upload, key, uploads[field].path)
+                inputs[field] = {"upload": key}
             spec = {"request": params.model_dump(mode="json"), "seeds": _seeds(params), **inputs}
-            answer = await self.registry.call("submit", job_id, spec, str(job_dir) if job_dir.exists() else None,
+            answer = await self.registry.call("submit", job_id, spec,
+                                              f"{self.args.files.upload_dir}/{job_id}" if stored else None,
                                               idempotency)
         except BaseException:
-            shutil.rmtree(job_dir, ignore_errors=True)
+            if stored:
+                await asyncio.to_thread(self.uploads.delete_job, job_id)
             raise
-        if not answer["accepted"] or answer.get("duplicate"):  # refused, or the key's job already exists
-            shutil.rmtree(job_dir, ignore_errors=True)
+        if stored and (not answer["accepted"] or answer.get("duplicate")):  # refused, or the key's job exists
+            await asyncio.to_thread(self.uploads.delete_job, job_id)
         if "conflict" in answer:
             return _error(409, f"Idempotency-Key already used for job {answer['conflict']} with a different request")
         if not answer["accepted"]:
             return _error(429, "Server busy: queue is full", {"Retry-After": str(answer["retry_after_s"])})
         return JSONResponse({k: answer[k] for k in ("job_id", "status", "queue_position")})
 
-    @api.get("/v1/jobs/{job_id}", response_model=JobView, responses={404: {"description": "Job not found"}})
+    def _store_upload(self, key: str, path: Path) -> None:
+        with path.open("rb") as handle:
+            self.uploads.put(key, handle)
+
+    @api.get("/v1/jobs/{job_id}", response_model=JobView, responses={
+        **_errors({404: "Job not found", 422: "Invalid parameters"}), **_AUTH, **_REGISTRY})
     async def job(self, job_id: str) -> JSONResponse:
         view = await self.registry.call("view", job_id) if len(job_id) <= 64 else None
         if view is None:
@@ -209,7 +277,8 @@ class Ingress:
         return JSONResponse(view)
 
     @api.post("/v1/jobs/{job_id}/cancel", response_model=JobView, responses={
-        404: {"description": "Job not found"}, 409: {"description": "Job already finished"}})
+        **_errors({404: "Job not found", 409: "Job already finished", 422: "Invalid parameters"}), **_AUTH,
+        **_REGISTRY})
     async def cancel(self, job_id: str) -> JSONResponse:
         """Cancel a queued or running job; a running one stops at its next diffusion step."""
         status = await self.registry.call("cancel", job_id) if len(job_id) <= 64 else None
@@ -219,7 +288,10 @@ class Ingress:
             return _error(409, f"Job already {status}")
         return JSONResponse(await self.registry.call("view", job_id))
 
-    @api.get("/v1/audio", responses={403: {"description": "Not a result"}, 404: {"description": "Not found"}})
+    @api.get("/v1/audio", response_class=Response, responses={
+        200: {"description": "The audio file", "content": {"audio/mpeg": {}, "audio/wav": {}, "audio/flac": {}}},
+        **_errors({403: "Not a result of this service", 404: "Audio file not found",
+                   422: "Missing or too long `path`"}), **_AUTH})
     async def audio(self, path: str = Query(..., max_length=256)) -> Response:
         if not self.store.is_key(path):
             return _error(403, "Access denied: path is not a result of this service")
@@ -234,7 +306,8 @@ class Ingress:
     async def health(self) -> dict[str, str]:
         return {"status": "ok", "service": "ACE-Step API", "version": "1.0"}
 
-    @api.get("/readyz", responses={503: {"description": "A stage has no ready replica"}})
+    @api.get("/readyz", responses={200: {"model": ReadyResponse, "description": "Ready"},
+                                   **_errors({503: "A stage has no ready replica"})})
     async def readyz(self) -> JSONResponse:
         """200 once every stage has a replica that loaded its model and ran a warm-up step; 503 before."""
         names = list(self.stages)
@@ -245,12 +318,12 @@ class Ingress:
             return _error(503, f"not ready: {', '.join(missing)}")
         return JSONResponse({"status": "ready", "stages": names})
 
-    @api.get("/v1/models")
+    @api.get("/v1/models", responses={**_AUTH})
     async def models(self) -> dict[str, Any]:
         name = self.args.model.name
         return {"models": [{"name": name, "is_default": True}], "default_model": name}
 
-    @api.get("/v1/stats")
+    @api.get("/v1/stats", responses={**_AUTH, **_REGISTRY})
     async def stats(self) -> dict[str, Any]:
         """Upstream HEAD's counts, plus running replicas per deployment of this application."""
         stats = await self.registry.call("stats")
@@ -261,14 +334,13 @@ class Ingress:
         return stats
 
     # -- request parsing ------------------------------------------------------------------------------------------
-    async def _parse_body(self, request: Request) -> tuple[dict[str, Any], dict[str, bytes]]:
+    async def _parse_body(self, request: Request) -> tuple[dict[str, Any], dict[str, Upload]]:
         """Upstream's content-type dispatch (JSON, +json, multipart, urlencoded, header-less sniffing), bounded."""
         files = self.args.files
         content_type = (request.headers.get("content-type") or "").lower()
         media = content_type.split(";")[0].strip()
         if media == "multipart/form-data":
-            body = await _read_body(request, 2 * files.max_upload_bytes + files.max_body_bytes)
-            return await self._parse_multipart(request, body)
+            return await self._parse_multipart(request, 2 * files.max_upload_bytes + files.max_body_bytes)
         body = await _read_body(request, files.max_body_bytes)
         if media == "application/json" or media.endswith("+json"):
             return _parse_json(body, "Invalid JSON body"), {}
@@ -281,29 +353,44 @@ class Ingress:
             return _parse_urlencoded(stripped), {}
         raise HTTPException(415, UNSUPPORTED.format(content_type or "(missing)"))
 
-    async def _parse_multipart(self, request: Request, body: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
-        async def replay() -> dict[str, Any]:
-            return {"type": "http.request", "body": body, "more_body": False}
+    async def _parse_multipart(self, request: Request, limit: int) -> tuple[dict[str, Any], dict[str, Upload]]:
+        """Parsed as it streams in (Starlette spools file parts to disk past 1 MB), refused with 413 as soon as the
+        body passes `limit` bytes."""
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise HTTPException(413, f"Request body of {declared} bytes exceeds the limit of {limit} bytes")
+        size = 0
+
+        async def receive() -> dict[str, Any]:
+            nonlocal size
+            message = await request.receive()
+            size += len(message.get("body", b""))
+            if size > limit:
+                raise HTTPException(413, f"Request body exceeds the limit of {limit} bytes")
+            return message
 
         try:
-            form = await Request(request.scope, replay).form(max_files=4, max_fields=256)
+            form = await Request(request.scope, receive).form(max_files=4, max_fields=256)
         except HTTPException:
             raise
         except Exception as exc:  # malformed multipart framing
             raise HTTPException(400, f"Invalid multipart body: {exc}") from exc
         raw: dict[str, Any] = {}
-        uploads: dict[str, bytes] = {}
-        for key, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                if key in UPLOAD_FIELDS:
-                    data = await value.read()
-                    if len(data) > self.args.files.max_upload_bytes:
-                        raise HTTPException(413, f"{key}: upload of {len(data)} bytes exceeds the limit of "
-                                                 f"{self.args.files.max_upload_bytes} bytes")
-                    uploads[UPLOAD_FIELDS[key]] = data
-            elif key not in UPLOAD_FIELDS:  # a text field named like an upload is ignored, as upstream
-                raw.setdefault(key, value)
-        await form.close()
+        uploads: dict[str, Upload] = {}
+        try:
+            for key, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    if key in UPLOAD_FIELDS and UPLOAD_FIELDS[key] not in uploads:
+                        uploads[UPLOAD_FIELDS[key]] = await asyncio.to_thread(
+                            Upload, key, value, self.args.files.max_upload_bytes)
+                elif key not in UPLOAD_FIELDS:  # a text field named like an upload is ignored, as upstream
+                    raw.setdefault(key, value)
+        except BaseException:
+            for upload in uploads.values():
+                upload.close()
+            raise
+        finally:
+            await form.close()
         return raw, uploads
 
     def _check_limits(self, params: GenerateRequest) -> None:
@@ -314,20 +401,36 @@ class Ingress:
         if params.num_outputs > queue.max_outputs_per_job:
             raise HTTPException(422, f"batch_size: must be <= {queue.max_outputs_per_job} on this server "
                                      f"(got {params.batch_size})")
+        self._check_cost(params, params.audio_duration)
         if params.model is not None and params.model != self.args.model.name:
             raise HTTPException(400, f"model: unknown model {params.model!r}; available: {[self.args.model.name]}")
 
-    async def _input_audio(self, field: str, upload: bytes | None, server_path: str | None,
-                           job_dir: Path) -> str | None:
-        """Validate an upload (stored under the job's upload dir) or a server path; the file path a driver reads."""
+    def _check_cost(self, params: GenerateRequest, seconds: float | None) -> None:
+        """What the job costs the AudioCodec (outputs x seconds of audio) within what this server admits."""
+        limit = self.args.queue.max_audio_seconds_per_job
+        if seconds is not None and seconds * params.num_outputs > limit:
+            raise HTTPException(422, f"audio_duration x batch_size: {seconds:g} s x {params.num_outputs} exceeds "
+                                     f"this server's {limit:g} s of audio per job")
+
+    def _check_task(self, params: GenerateRequest, inputs: dict[str, Any]) -> None:
+        """What the task needs, and whether the loaded model can do it: a 400 now, not a failure inside a batch."""
+        if params.task_type == "repaint" and not inputs["src_audio"]:
+            raise HTTPException(400, "task_type repaint needs src_audio (upload) or src_audio_path")
+        if params.task_type == "cover" and not (inputs["src_audio"] or inputs["reference_audio"]):
+            raise HTTPException(400, "task_type cover needs src_audio or reference_audio (upload or *_path)")
+        if params.task_type == "cover" and inputs["src_audio"] and not self.can_cover_from_source:
+            raise HTTPException(400, f"task_type cover from src_audio needs the checkpoint's audio_tokenizer and "
+                                     f"audio_token_detokenizer, which model {self.args.model.name!r} does not have; "
+                                     f"send reference_audio instead")
+
+    async def _input_audio(self, field: str, upload: Upload | None, server_path: str | None
+                           ) -> tuple[dict[str, str] | None, float | None]:
+        """Validate an upload or a server path (within the limits): where the codec will read it from, and its
+        length in seconds."""
         if upload is not None:
-            await self._probe(field, upload)
-            job_dir.mkdir(parents=True, exist_ok=True)
-            target = job_dir / field
-            target.write_bytes(upload)
-            return str(target)
+            return {"upload": ""}, await self._probe(field, upload.path)  # stored once every check has passed
         if server_path is None:
-            return None
+            return None, None
         name = f"{field}_path"
         resolved = Path(server_path).expanduser().resolve()
         if not any(resolved.is_relative_to(root) for root in self.allowed_inputs):
@@ -336,12 +439,14 @@ class Ingress:
             raise HTTPException(400, f"{name}: no such file {server_path!r}")
         if resolved.stat().st_size > self.args.files.max_upload_bytes:
             raise HTTPException(413, f"{name}: file exceeds the limit of {self.args.files.max_upload_bytes} bytes")
-        await self._probe(name, resolved)
-        return str(resolved)
+        return {"path": str(resolved)}, await self._probe(name, resolved)
 
-    @staticmethod
-    async def _probe(name: str, source: bytes | Path) -> None:
+    async def _probe(self, name: str, source: Path) -> float:
+        """Readable audio, and no longer than `max_duration_s` (read from its header before decoding it whole); its
+        length in seconds."""
         try:
-            await asyncio.to_thread(probe_audio, source)
+            return await asyncio.to_thread(probe_audio, source, self.args.queue.max_duration_s)
+        except AudioTooLongError as exc:
+            raise HTTPException(422, f"{name}: {exc}") from exc
         except AudioDecodeError as exc:
             raise HTTPException(400, f"{name}: {exc}") from exc

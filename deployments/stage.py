@@ -1,19 +1,23 @@
-"""What every stage shim shares: work-sized batching from `user_config`, a health record of its engine, and a load
-report to the job registry (slots, busy seconds, finished jobs) that also feeds the autoscaler the backlog."""
+"""What every stage shim shares: work-sized batching from `user_config`, a health record of its engine that counts
+engine faults only (one request's bad input fails that request alone), and a load report to the job registry (slots,
+jobs in flight, busy seconds, finished jobs) that also feeds the autoscaler the backlog."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import math
+import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from deployments.logs import configure_replica_logging
 from jobs.registry import RegistryClient
 
 logger = logging.getLogger(__name__)
@@ -61,19 +65,22 @@ class FrameBudget:
 
 
 class EngineGuard:
-    """Runs engine calls on the stage's one engine thread, counts consecutive failures, and adds up busy seconds.
+    """Runs engine calls on the stage's one engine thread, counts consecutive engine faults, and adds up busy seconds.
 
     One thread for every torch call of the replica (load, warm-up, batches): each new thread that enters an OpenMP
     parallel region gets its own team, and teams of different threads spin against each other. Measured on this
     2-core box: a DiT forward took 127 ms from a second thread against 62 ms from the first.
 
-    One failing batch fails only its own jobs. `max_consecutive_failures` in a row mean the engine itself is broken
-    (a lost CUDA context, say): `check_health` then raises and Serve replaces the replica.
+    A `ValueError` is the request's fault (its inputs), not the engine's: it is not counted. `max_consecutive_failures`
+    other exceptions in a row mean the engine itself is broken (a lost CUDA context, say): `check_health` then raises
+    and Serve replaces the replica. `fault` (the `fault_injection` key of a stage's `user_config`, for tests and
+    drills) is a file path: while that file exists, every call fails as a broken engine's would.
     """
 
     def __init__(self, stage: str, threads: int | None = None, max_consecutive_failures: int = 3):
         self.stage, self.limit, self.failures = stage, max_consecutive_failures, 0
         self.busy_s = 0.0
+        self.fault: str | None = None
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"{stage}-engine",
                                            initializer=torch.set_num_threads if threads else None,
                                            initargs=(threads,) if threads else ())
@@ -81,7 +88,12 @@ class EngineGuard:
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         start = time.perf_counter()
         try:
+            if self.fault and os.path.exists(self.fault):
+                raise RuntimeError(f"{self.stage} engine fault injected ({self.fault} exists)")
             result = await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        except ValueError:
+            logger.warning("%s engine call rejected its input", self.stage, exc_info=True)
+            raise
         except Exception:
             self.failures += 1
             logger.exception("%s engine call failed (%d in a row)", self.stage, self.failures)
@@ -91,9 +103,32 @@ class EngineGuard:
         self.failures = 0
         return result
 
+    async def run_batch(self, fn: Callable[[list], list], items: list) -> list:
+        """`fn(items)` in one call; if that fails, each item alone, so a failure stays with the items that cause
+        it. Failed items come back as `ItemFailure`."""
+        try:
+            return await self.run(fn, items)
+        except Exception as exc:
+            if len(items) == 1:
+                return [ItemFailure(exc)]
+        results = []
+        for item in items:
+            try:
+                results.extend(await self.run(fn, [item]))
+            except Exception as exc:
+                results.append(ItemFailure(exc))
+        return results
+
     def check_health(self) -> None:
         if self.failures >= self.limit:
             raise RuntimeError(f"{self.stage} engine failed {self.failures} calls in a row")
+
+
+@dataclass
+class ItemFailure:
+    """One batch item's exception, handed back in place of its result and raised to its caller alone."""
+
+    error: Exception
 
 
 class StageReplica:
@@ -111,29 +146,52 @@ class StageReplica:
     budget: FrameBudget
 
     async def start(self, model: Any, registry_name: str, queue: Any, files: Any) -> None:
+        configure_replica_logging()
         self.guard = EngineGuard(self.stage, model.threads(self.stage))
         self.engine = await self.guard.run(self.engine_class, model)
         await self.guard.run(self.engine.warm_up)  # before Serve routes anything here
         self.guard.busy_s = 0.0
         self.jobs_done = 0
+        self.calls_in_flight = 0
         self.backlog = 0  # jobs waiting in the registry, as of the last report
         self.replica_id = f"{self.stage}-{uuid.uuid4().hex[:8]}"
         self.registry = RegistryClient(registry_name, queue, files)
         self._reporter = asyncio.get_running_loop().create_task(self._report_loop())
 
     def reconfigure(self, user_config: dict) -> None:
-        self.budget.apply(getattr(self, self.batched), user_config)
+        self.budget.apply(getattr(self, self.batched), self.take_fault(user_config))
+
+    def take_fault(self, user_config: dict | None) -> dict:
+        """`user_config` without its `fault_injection` key, which goes to the engine guard."""
+        config = dict(user_config or {})
+        self.guard.fault = config.pop("fault_injection", None)
+        return config
 
     def slots(self) -> int:
         """Jobs this replica takes at once (what the registry dispatches against)."""
         return self.budget.config.max_batch_size
+
+    def in_flight(self) -> int:
+        """Jobs inside this replica now (what `/v1/stats` shows as `stages.<stage>.in_flight`)."""
+        return self.calls_in_flight
+
+    async def one(self, batched: Callable[[Any], Awaitable[Any]], item: Any) -> Any:
+        """Send one item through the `@serve.batch` method, counted in flight; its own failure is raised here."""
+        self.calls_in_flight += 1
+        try:
+            result = await batched(item)
+        finally:
+            self.calls_in_flight -= 1
+        if isinstance(result, ItemFailure):
+            raise result.error
+        return result
 
     async def _report_loop(self) -> None:
         while True:
             await asyncio.sleep(REPORT_INTERVAL_S)  # first after Serve's reconfigure() has set the slots
             try:
                 reply = await self.registry.call("report_stage", self.stage, self.replica_id, self.slots(),
-                                                 self.guard.busy_s, self.jobs_done)
+                                                 self.guard.busy_s, self.jobs_done, self.in_flight())
                 self.backlog = reply["backlog"]
             except Exception:  # the registry restarting: dispatch falls back to max_running_jobs meanwhile
                 logger.warning("%s: load report to the registry failed", self.stage, exc_info=True)

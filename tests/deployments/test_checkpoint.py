@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 
 import httpx
 import numpy as np
@@ -12,13 +13,17 @@ import soundfile as sf
 from deployments.app import build_app
 from models.loading import CheckpointError, save_components
 from models.presets import build_preset
-from tests.conftest import deployed
+from tests.conftest import deployed, wav_bytes
 from tests.deployments.conftest import run_job
 
 
 @pytest.fixture(scope="module")
 def checkpoint_dir(tmp_path_factory):
-    return save_components(build_preset("tiny"), tmp_path_factory.mktemp("weights") / "acestep-v15-local")
+    """The tiny preset saved as a checkpoint, without the optional audio tokenizer pair (as some exports ship)."""
+    root = save_components(build_preset("tiny"), tmp_path_factory.mktemp("weights") / "acestep-v15-local")
+    for part in ("audio_tokenizer", "audio_token_detokenizer"):
+        shutil.rmtree(root / part)
+    return root
 
 
 def test_app_serves_a_local_checkpoint(serve_http, dirs, checkpoint_dir, client):
@@ -33,6 +38,13 @@ def test_app_serves_a_local_checkpoint(serve_http, dirs, checkpoint_dir, client)
         view = run_job(ckpt_client, {**payload, "model": "acestep-v15-local"})
         assert view["result"]["dit_model"] == "acestep-v15-local"
         from_checkpoint = ckpt_client.get(view["result"]["first_audio_path"]).content
+        # What this model cannot serve is a 400 at submit, not a failure inside a condition batch.
+        cover = ckpt_client.post("/v1/music/generate", data={"task_type": "cover", "batch_size": "1"},
+                                 files={"src_audio": ("s.wav", wav_bytes(1.0), "audio/wav")})
+        assert cover.status_code == 400 and "audio_tokenizer" in cover.json()["detail"], cover.text
+        by_reference = ckpt_client.post("/v1/music/generate", data={"task_type": "cover", "batch_size": "1"},
+                                        files={"reference_audio": ("r.wav", wav_bytes(1.0), "audio/wav")})
+        assert by_reference.status_code == 200, by_reference.text
     # The saved preset is the embedded preset: the same request gives the same audio in both apps (to a PCM-16
     # step: separate processes may sum floats in another order).
     from_preset = client.get(run_job(client, payload)["result"]["first_audio_path"]).content

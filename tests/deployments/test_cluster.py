@@ -85,3 +85,48 @@ def test_serve_deploy_on_a_ray_start_cluster(ray_cluster, tmp_path):
         audio = client.get(view["result"]["first_audio_path"])
         assert audio.status_code == 200 and audio.headers["content-type"] == "audio/wav"
     assert (tmp_path / "results").is_dir()
+
+    # A redeploy with two DiT replicas (2 jobs each at most) and another output_dir: the registry, which outlived
+    # the first deploy, writes where the current config says.
+    app = config["applications"][0]
+    app["args"]["files"]["output_dir"] = str(tmp_path / "results-2")
+    dit = next(d for d in app["deployments"] if d["name"] == "DiT")
+    dit.pop("autoscaling_config")
+    dit.update(num_replicas=2, max_ongoing_requests=2, graceful_shutdown_timeout_s=1,
+               user_config={**dit["user_config"], "max_batch_size": 2})
+    redeploy(path, config, dashboard, env)
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        until_dit_replicas(client, 2)
+        jobs = [client.post("/v1/music/generate", json={"caption": f"drain {i}", "audio_duration": 30,
+                                                         "inference_steps": 100, "batch_size": 1}).json()["job_id"]
+                for i in range(4)]
+        deadline = time.time() + 120
+        while any(client.get(f"/v1/jobs/{j}").json()["progress"]["stage"] != "diffusion" for j in jobs):
+            assert time.time() < deadline, "the 4 jobs never all reached the DiT"
+            time.sleep(0.2)
+        # Scale the DiT down mid-job: the replica that goes away has 2 jobs in flight, and is given 1 s to drain.
+        dit["num_replicas"] = 1
+        redeploy(path, config, dashboard, env)
+        for job in jobs:
+            deadline = time.time() + 300
+            while (view := client.get(f"/v1/jobs/{job}").json())["status"] in ("queued", "running"):
+                assert time.time() < deadline, view
+                time.sleep(0.5)
+            assert view["status"] == "succeeded", view
+            assert view["attempts"] == 1, view  # handed back to the other replica, no attempt spent
+            assert (tmp_path / "results-2" / job).is_dir()
+        until_dit_replicas(client, 1)
+
+
+def redeploy(path: Path, config: dict, dashboard: str, env: dict) -> None:
+    path.write_text(yaml.safe_dump(config))
+    deploy = subprocess.run([BIN / "serve", "deploy", str(path), "-a", dashboard], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+
+
+def until_dit_replicas(client: httpx.Client, replicas: int, timeout: float = 180.0) -> None:
+    deadline = time.time() + timeout
+    while client.get("/v1/stats").json()["replicas"].get("DiT") != replicas:
+        assert time.time() < deadline, client.get("/v1/stats").json()["replicas"]
+        time.sleep(0.5)

@@ -13,7 +13,7 @@ from tests.conftest import wav_bytes
 from tests.deployments.conftest import run_job, submit, wait_for
 
 JOB_KEYS = {"job_id", "status", "created_at", "started_at", "finished_at", "queue_position", "eta_seconds",
-            "avg_job_seconds", "result", "error", "progress"}
+            "avg_job_seconds", "result", "error", "attempts", "progress"}
 RESULT_KEYS = {"first_audio_path", "second_audio_path", "audio_paths", "generation_info", "status_message",
                "seed_value", "metas", "bpm", "duration", "keyscale", "timesignature", "genres", "dit_model"}
 
@@ -84,16 +84,22 @@ def test_fixed_seed_is_honoured_and_reproducible(client):
 
 def test_a_job_sounds_the_same_alone_and_batched_with_others(client):
     """Cross-job batching over the real app: the same seeded job, alone and then submitted together with jobs of
-    other durations, prompt and lyric lengths, gives the same audio (to a PCM-16 step)."""
+    other durations, prompt and lyric lengths, gives the same audio (to a PCM-16 step). The DiT's record of the most
+    jobs it shared a forward pass with proves the batched run was batched."""
     job = {"caption": "batched", "audio_duration": 1.0, "use_random_seed": False, "seed": 7, "batch_size": 1,
-           "audio_format": "wav", "inference_steps": 4}
+           "audio_format": "wav", "inference_steps": 30}
     others = [{**job, "caption": "a much longer caption for another job", "lyrics": "[verse]\nla la la",
                "audio_duration": 1.2, "seed": 8},
               {**job, "caption": "x", "audio_duration": 1.1, "seed": 9, "batch_size": 2}]
     alone = run_job(client, job)
-    ids = [submit(client, json=payload).json()["job_id"] for payload in (others[0], job, others[1])]
-    batched = wait_for(client, ids[1])
-    assert batched["status"] == "succeeded" and all(wait_for(client, i)["status"] == "succeeded" for i in ids)
+    assert alone["result"]["batching"]["dit_max_jobs_per_pass"] == 1
+    for _ in range(3):  # submitted together, they meet in the DiT; on a loaded machine, try again
+        ids = [submit(client, json=payload).json()["job_id"] for payload in (others[0], job, others[1])]
+        batched = wait_for(client, ids[1])
+        assert batched["status"] == "succeeded" and all(wait_for(client, i)["status"] == "succeeded" for i in ids)
+        if batched["result"]["batching"]["dit_max_jobs_per_pass"] >= 2:
+            break
+    assert batched["result"]["batching"]["dit_max_jobs_per_pass"] >= 2, "the job never shared a forward pass"
     a, b = (sf.read(io.BytesIO(download(client, view["result"]["first_audio_path"])[0]), dtype="int16")[0]
             for view in (alone, batched))
     assert a.shape == b.shape == (48000, 2)

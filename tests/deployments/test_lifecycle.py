@@ -35,7 +35,9 @@ def submit(client, **payload) -> str:
 
 def test_api_keys(life):
     _, url, _ = life
+    # Probes answer without a key (load balancers and kubelets send none); /readyz was 401 before.
     assert httpx.get(url + "/health").status_code == 200
+    assert httpx.get(url + "/readyz", timeout=30).status_code == 200
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
         for method, path in (("GET", "/v1/models"), ("POST", "/v1/music/generate"), ("GET", "/v1/jobs/x"),
                              ("GET", "/v1/audio?path=x"), ("GET", "/openapi.json")):
@@ -56,7 +58,7 @@ def test_cancel_queued_and_running(life):
 
     canceled = client.post(f"/v1/jobs/{queued}/cancel")
     assert canceled.status_code == 200 and canceled.json()["status"] == "canceled"
-    assert not (root / "uploads" / queued).exists(), "a canceled job's upload is removed"
+    wait_until(lambda: not (root / "uploads" / queued).exists(), "a canceled job's upload to be removed")
     assert client.get(f"/v1/jobs/{after}").json()["queue_position"] == 1
 
     stop = client.post(f"/v1/jobs/{running}/cancel")
@@ -109,4 +111,11 @@ def wait_for_status(client, job_id, status, timeout=60.0):
     deadline = time.time() + timeout
     while client.get(f"/v1/jobs/{job_id}").json()["status"] != status:
         assert time.time() < deadline
+        time.sleep(0.05)
+
+
+def wait_until(condition, what: str, timeout: float = 10.0) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
