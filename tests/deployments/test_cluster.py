@@ -97,8 +97,8 @@ def test_serve_deploy_on_a_ray_start_cluster(ray_cluster, tmp_path):
     redeploy(path, config, dashboard, env)
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
         until_dit_replicas(client, 2)
-        jobs = [client.post("/v1/music/generate", json={"caption": f"drain {i}", "audio_duration": 30,
-                                                         "inference_steps": 100, "batch_size": 1}).json()["job_id"]
+        jobs = [client.post("/v1/music/generate", json={"caption": f"drain {i}", "audio_duration": 60,
+                                                         "inference_steps": 200, "batch_size": 1}).json()["job_id"]
                 for i in range(4)]
         deadline = time.time() + 120
         while any(client.get(f"/v1/jobs/{j}").json()["progress"]["stage"] != "diffusion" for j in jobs):
