@@ -148,7 +148,7 @@ class JobDriver:
         for field, kind in (("src_audio", "source"), ("reference_audio", "reference")):
             source = spec.get(field)
             if source:
-                source = {"path": source} if isinstance(source, str) else source  # a spec journaled by an earlier version
+                source = {"path": source} if isinstance(source, str) else source  # an older spec: a path
                 latents_in[kind], seconds = await stage("encode_audio", lambda: self.codec.encode.remote(
                     source, kind, seeds[0], attempt))
                 if kind == "source":
