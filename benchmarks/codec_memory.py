@@ -1,18 +1,26 @@
 """Peak memory (RSS) of the codec stage's VAE decode and encode, with and without tiling.
 
-    python -m benchmarks.codec_memory                      # the default plan below (~1 h on a 2-core CPU)
+    python -m benchmarks.codec_memory                      # the default plan below: hours on a 2-core CPU (the
+                                                           # 600 s encode took ~1 h, the 8 x 600 s decode ~25 min)
     python -m benchmarks.codec_memory --decode-off 1x60,2x60 --decode-on 8x600 --encode-off 5 --encode-on 600
 
 Every measurement runs in a fresh subprocess (`--worker`): it builds `AudioCodecEngine(ModelConfig(preset=...),
 tiling=...)` and the input (random latents `(outputs, seconds * 25, 64)`, or a `(2, seconds * 48000)` waveform), then
 resets the kernel's peak-RSS counter (`/proc/self/clear_refs`, so that building the preset does not count) and runs
 one `decode` / `encode(kind="source")`. It reports the process's RSS before the call and its peak during it
-(VmHWM = `ru_maxrss`). `tiling=off` is the engine as it was before tiling: one decoder / encoder pass over everything.
+(VmHWM = `ru_maxrss`). `tiling=off` is one decoder / encoder pass over everything, as before tiling (its peaks are
+within a few % of the previous models/codec.py's, which `--codec-file` measures).
 
-For each mode the decode peaks are fitted as peak ~ a + b * (outputs x seconds), and the fit is evaluated at the
-service's limits (8 outputs x 600 s); sizes whose untiled run would not fit this machine are extrapolated that way, not
-run. A watchdog ends a worker whose RSS passes `--max-rss-gb` (default 12), so that a wrong guess cannot take the
-machine down; such a row reads `killed`.
+For each mode the peaks are fitted as peak ~ a + b * (outputs x seconds) (encode: a + b * seconds), and the fit is
+evaluated at the service's limits (8 outputs x 600 s, 600 s); sizes whose untiled run would not fit this machine are
+extrapolated that way, not run. A watchdog ends a worker whose RSS passes `--max-rss-gb` (default 12), so that a
+wrong guess cannot take the machine down; such a row reads `killed`. `--compare-decode` / `--compare-encode` print
+max |tiled - untiled| for one size (the encode one for both a source and a reference).
+
+glibc's allocator inflates the tiled peaks on CPU: after the first free of a block just under 32 MiB (a `tiny` decoder
+tile's full-rate activation), its dynamic mmap threshold rises and later such blocks come from the heap, which keeps
+them. `MALLOC_MMAP_THRESHOLD_=1048576 python -m benchmarks.codec_memory ...` (inherited by the workers) shows the
+peaks without that (lower, but many small mmaps are slower).
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import time
 import numpy as np
 
 LIMIT_OUTPUTS, LIMIT_SECONDS = 8, 600  # what the service accepts per job
-# Untiled sizes stay under ~4 GB on `tiny` (~13 MB per output-second decoded, ~140 MB per second encoded).
+# Untiled sizes stay under ~4 GiB on `tiny` (~11 MiB per output-second decoded, ~140 MiB per second encoded).
 DEFAULTS = {
     "decode_off": "1x30,1x60,2x60,4x60,2x120",
     "decode_on": "1x60,4x60,8x150,8x600",
@@ -180,8 +188,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"codec memory: preset {args.preset}, torch {torch.__version__}, {os.cpu_count()} CPUs, peak RSS per call "
           f"in a fresh process (model + input + the call){', codec ' + args.codec_file if args.codec_file else ''}")
-    print(f"{'op':7}{'tiling':>7}{'outputs':>8}{'seconds':>8}{'out x s':>8}{'rss before MB':>15}{'peak MB':>9}"
-          f"{'call adds MB':>13}{'wall s':>8}", flush=True)
+    print(f"{'op':7}{'tiling':>7}{'outputs':>8}{'seconds':>8}{'out x s':>8}{'rss before MiB':>15}{'peak MiB':>9}"
+          f"{'call adds MiB':>14}{'wall s':>8}", flush=True)
     results: dict[tuple[str, str], list[dict]] = {}
     for key in DEFAULTS:
         op, tiling = key.split("_")
@@ -190,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
             results.setdefault((op, tiling), []).append(row)
             if "peak_mb" in row:
                 print(f"{op:7}{tiling:>7}{outputs:>8}{seconds:>8g}{outputs * seconds:>8g}{row['rss_before_mb']:>15.0f}"
-                      f"{row['peak_mb']:>9.0f}{row['peak_mb'] - row['rss_before_mb']:>13.0f}{row['wall_s']:>8.1f}",
+                      f"{row['peak_mb']:>9.0f}{row['peak_mb'] - row['rss_before_mb']:>14.0f}{row['wall_s']:>8.1f}",
                       flush=True)
             else:
                 print(f"{op:7}{tiling:>7}{outputs:>8}{seconds:>8g}  {'killed' if row.get('killed') else row}",
@@ -211,9 +219,9 @@ def main(argv: list[str] | None = None) -> None:
         limit = LIMIT_OUTPUTS * LIMIT_SECONDS if op == "decode" else LIMIT_SECONDS
         x = "outputs x seconds" if op == "decode" else "seconds"
         measured = [r["peak_mb"] for r in rows if r["outputs"] * r["seconds"] == limit and "peak_mb" in r]
-        note = f"measured {measured[0]:.0f} MB" if measured else "extrapolated"
-        print(f"fit {op} tiling={tiling}: peak MB ~ {a:.0f} + {b:.2f} x ({x}), from {len(rows)} sizes; "
-              f"at {limit} ({'8 x 600 s' if op == 'decode' else '600 s'}): {a + b * limit:.0f} MB ({note})")
+        note = f"measured {measured[0]:.0f} MiB" if measured else "extrapolated"
+        print(f"fit {op} tiling={tiling}: peak MiB ~ {a:.0f} + {b:.2f} x ({x}), from {len(rows)} sizes; "
+              f"at {limit} ({'8 x 600 s' if op == 'decode' else '600 s'}): {a + b * limit:.0f} MiB ({note})")
 
 
 if __name__ == "__main__":

@@ -25,9 +25,11 @@ class AudioCodecEngine:
     # Bounded memory for long audio, in latent frames (1 frame = `hop_length` samples). Oobleck is convolutional with a
     # receptive field of about +-8.3 frames in the decoder and +-7 in the encoder (a perturbed frame changes nothing
     # further away), so with these overlaps the part kept of each tile is what the whole-length pass computes, up to
-    # float rounding (~1e-6: tests/models/test_codec_tiling.py). Inputs no longer than one tile are never split.
+    # float rounding: ~1e-6 on CPU (tests/models/test_codec_tiling.py); on CUDA, bit for bit without TF32, and ~1e-4
+    # with cuDNN's default TF32 convolutions (any change of shape moves results that much there). Inputs no longer
+    # than one tile are never split.
     DECODE_TILE_FRAMES = 512  # diffusers' default: items up to 20.48 s are decoded whole
-    DECODE_OVERLAP_FRAMES = 32  # context each side (diffusers' default 64 is 2x the work it needs)
+    DECODE_OVERLAP_FRAMES = 32  # context each side: 14% extra decoder work (diffusers' default, 64, costs 33%)
     DECODE_PASS_FRAMES = 1024  # slicing over outputs: at most this many outputs x frames per decoder call
     ENCODE_TILE_FRAMES = 300  # 12 s windows (inputs up to 12 s are encoded whole) ...
     ENCODE_OVERLAP_FRAMES = 25  # ... of which 1 s each side is context: 10 s kept per window
