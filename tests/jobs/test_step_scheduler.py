@@ -43,9 +43,9 @@ def _scenario(dit, requests, scheduling, cancel_last=False, **config):
         await arrived.wait()
         later = [asyncio.create_task(scheduler.submit(r)) for r in requests[1:]]
         if cancel_last:
-            await asyncio.sleep(0)
-            while batches[-1] < 3 if scheduling == "step" else False:
-                await asyncio.sleep(0.001)
+            joined = asyncio.Event()  # the last job is in a forward pass with the others: cancel it mid-batch
+            scheduler.on_batch = lambda jobs, seconds: (on_batch(jobs, seconds), jobs == 3 and joined.set())
+            await asyncio.wait_for(joined.wait(), timeout=60)
             later[-1].cancel()
         results = await asyncio.gather(first, *later, return_exceptions=True)
         assert scheduler.jobs == 0
