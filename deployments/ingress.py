@@ -162,7 +162,6 @@ class Upload:
     way), never held in memory whole; probed there, then copied to the upload store."""
 
     def __init__(self, field: str, part: UploadFile, limit: int):
-        self.field = field
         self.file = tempfile.NamedTemporaryFile(prefix="acestep-upload-")
         digest, size = hashlib.sha256(), 0
         part.file.seek(0)

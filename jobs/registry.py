@@ -73,12 +73,8 @@ class JobRecord:
 
     @property
     def attempt_id(self) -> str:
-        return attempt_id(self.job_id, self.attempts)
-
-
-def attempt_id(job_id: str, attempt: int) -> str:
-    """`<job_id>#<n>`: what a driver and its stage calls carry for the n-th attempt of a job."""
-    return f"{job_id}#{attempt}"
+        """`<job_id>#<n>`: what a driver and its stage calls carry for the n-th attempt of a job."""
+        return f"{self.job_id}#{self.attempts}"
 
 
 def split_attempt(attempt: str) -> tuple[str, int]:
