@@ -2,14 +2,15 @@
 
     python -m benchmarks.gpu_check [--preset turbo] [--dtype bfloat16] [--seconds 180] [--out DIR] [--device cuda]
 
-In process (no Ray, no HTTP). On the released 2B DiT shape (`turbo`, random weights) in bf16 it measures:
+In process, then (--http) the app over HTTP. On the released 2B DiT shape (`turbo`, random weights) in bf16 it
+measures:
 
   env        the card, torch / CUDA / cuDNN / diffusers / transformers versions, the TF32 / bf16-reduction flags
   build      building the three engines (the preset is built once, on the device: see `install_fast_builder`)
   condition  `ConditionEngine.encode` time for one job and for a batch of 8
   dit        one `DiTEngine.step` (synchronised, median of --iters after --warmup) at 1, 4 and 8 jobs of --seconds
-             each: same-shape jobs (diffusers' own forward) and jobs whose prompts differ in length (the masked
-             forward, as real traffic runs); per-job speed-up against batch 1
+             each: same-shape jobs (no masks) and jobs whose prompts differ in length (cross-attention key-padding
+             masks, as real traffic runs); per-job speed-up against batch 1
   vae        `AudioCodecEngine.decode` of one --seconds output (float32 VAE, the engine's default) and its peak memory
   invariance a job's latents after a few steps alone vs in a batch of 4 of other lengths, in bf16 and in fp32
   precision  bf16 against fp32 (the same weights upcast, the same inputs) for one DiT forward, on this preset and on
@@ -17,12 +18,21 @@ In process (no Ray, no HTTP). On the released 2B DiT shape (`turbo`, random weig
              bf16 tests need
   compile    `torch.compile` of the DiT (what `stages.dit.compile` does) at batch 1, in a subprocess that is killed
              past --compile-budget-s (a compile that does not finish is reported, not waited for)
+  http       (--http; on by default with cuda) the real app as `acestep-bench` starts it (Ray + Serve,
+             `build_graph`, one replica per stage, step-level batching) with `model: {preset, dtype, device}` from
+             the options above: one --seconds song alone end to end over HTTP, then --http-jobs jobs of mixed lengths
+             at --http-concurrency (`deployments.bench.drive`), and the peak GPU memory of all processes
+             (nvidia-smi). In a subprocess stopped past --http-budget-s (within --total-budget-s of the start).
 
 plus `torch.cuda.max_memory_allocated` per phase and overall. Every phase records its error and the next one runs.
 Prints readable lines, then one `GPU_JSON {...}` line; with --out, writes the same JSON to DIR/gpu_check.json after
 every phase (a run killed part-way still leaves what it measured). A CPU dry run of the whole script:
 
-    python -m benchmarks.gpu_check --preset tiny --dtype float32 --seconds 4 --device cpu
+    python -m benchmarks.gpu_check --preset tiny --dtype float32 --seconds 4 --device cpu [--http]
+
+`acestep-bench --gpu-check [options]` runs the same (installed: `benchmarks` is a package of the project). With the
+defaults it is bounded to about 8 minutes on one GPU: in-process phases start only within --budget-s (280 s; they
+took 74 s in all on an H200), and the HTTP phase is over --total-budget-s (450 s) after the start at the latest.
 """
 
 from __future__ import annotations
@@ -410,7 +420,7 @@ def phase_dit(check: Check) -> dict:
     for batch in (1, 4, 8):
         measure(f"same_b{batch}", [conds[0]] * batch)  # one prompt length: diffusers' own forward
     for batch in (4, 8):
-        measure(f"mixed_b{batch}", conds[:batch])  # prompt lengths differ: the masked forward
+        measure(f"mixed_b{batch}", conds[:batch])  # prompt lengths differ: cross-attention padding masks
     one = out.get("same_b1", {}).get("median_ms")
     if one:
         for label in ("same_b4", "same_b8", "mixed_b4", "mixed_b8"):
@@ -716,6 +726,254 @@ def compile_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- the app over HTTP -------------------------------------------------------------------------------------------------
+class GpuMemorySampler:
+    """Peak `memory.used` (MiB, summed over the visible GPUs) from `nvidia-smi`, every `interval` s in a thread: the
+    app's replicas are other processes, so their memory shows only in the driver's count. None without nvidia-smi."""
+
+    def __init__(self, interval: float = 0.5):
+        import threading
+
+        self.interval, self.peak, self.error = interval, None, None
+        self.first = self.read()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def read(self) -> float | None:
+        try:
+            lines = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                   capture_output=True, text=True, timeout=10, check=True).stdout.split()
+            return float(sum(float(x) for x in lines))
+        except Exception as exc:  # noqa: BLE001 - no nvidia-smi (CPU), or it failed once
+            self.error = f"{type(exc).__name__}: {exc}"[:300]
+            return None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            used = self.read()
+            if used is not None:
+                self.peak = max(self.peak or 0.0, used)
+            self._stop.wait(self.interval)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join(timeout=15)
+        return {"gpu_used_before_mib": self.first, "gpu_used_peak_mib": self.peak,
+                "gpu_used_peak_over_before_mib": (self.peak - self.first) if self.peak and self.first else None,
+                **({"nvidia_smi_error": self.error} if self.peak is None and self.error else {})}
+
+
+def _http_durations(args: argparse.Namespace) -> list[float]:
+    if args.http_durations:
+        return [float(d) for d in args.http_durations.split(",")]
+    return [round(args.seconds * f, 2) for f in (1.0, 0.9, 0.8, 0.7)]  # mixed lengths: the masked batches
+
+
+def phase_http(check: Check) -> dict:
+    """The real app (Ray + Serve, `build_graph`) on this device, driven over HTTP, in a subprocess that is stopped
+    past its budget (a hung deploy or job is reported, not waited for). Runs last: the in-process engines are freed
+    first, so that the device holds only the app."""
+    import gc
+
+    import torch
+
+    args = check.args
+    for key in ("dit", "condition", "codec", "conds", "fp32_transformer"):
+        check.ctx.pop(key, None)
+    original = check.ctx.pop("original_build_preset", None)
+    if original is not None:  # drop the fast builder and the preset modules it caches
+        from models import loading
+
+        loading.build_preset = original
+    gc.collect()
+    if check.cuda:
+        torch.cuda.empty_cache()
+    # Past `budget`: SIGTERM, up to 20 s to shut down, then SIGKILL (+10 s): all within --total-budget-s.
+    budget = min(args.http_budget_s, args.total_budget_s - (time.perf_counter() - check.start) - 35)
+    if budget < 60:
+        raise TimeoutError(f"only {budget:.0f} s left of --total-budget-s {args.total_budget_s:.0f}: not started")
+    command = [sys.executable, "-m", "benchmarks.gpu_check", "--http-worker", "--preset", args.preset,
+               "--dtype", args.dtype, "--seconds", str(args.seconds), "--device", args.device,
+               "--http-jobs", str(args.http_jobs), "--http-concurrency", str(args.http_concurrency),
+               "--http-durations", ",".join(str(d) for d in _http_durations(args)),
+               "--http-budget-s", str(budget - 25)]  # the worker's own deadline: room to shut Ray down
+    begin, grace = time.perf_counter(), 20
+    import tempfile
+
+    # Output to a file, not a pipe: a process left behind holding a pipe open could block reading it.
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, text=True, start_new_session=True)
+        try:
+            process.wait(timeout=budget)
+            finished = True
+        except subprocess.TimeoutExpired:
+            finished = False
+            process.send_signal(signal.SIGTERM)  # the worker shuts Serve and Ray down, then exits
+            try:
+                process.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(process.pid, signal.SIGKILL)  # the worker and the Ray processes it started
+                    process.wait(timeout=10)
+                except (OSError, subprocess.TimeoutExpired):
+                    pass
+        log.seek(0)
+        stdout = log.read()
+    lines = [line for line in stdout.splitlines() if line.startswith("HTTP_JSON ")]
+    out = json.loads(lines[-1][len("HTTP_JSON "):]) if lines else {}
+    out.update(finished=finished, returncode=process.returncode, budget_s=budget,
+               seconds=time.perf_counter() - begin)
+    if not finished:
+        check.result["skipped"]["http_rest"] = f"the HTTP phase did not finish within {budget:.0f} s: stopped"
+    for step, error in out.get("errors", {}).items():
+        check.result["errors"][f"http.{step}"] = error
+    if not lines:
+        raise RuntimeError(f"HTTP worker exited {process.returncode} with no result: {stdout[-1500:]}")
+    return out
+
+
+def http_worker(args: argparse.Namespace) -> int:
+    """Subprocess of `phase_http`: start Ray + Serve and the app, then one --seconds song alone, then --http-jobs
+    jobs at --http-concurrency (`deployments.bench.drive`). Every step has a deadline; errors are recorded and the
+    next step runs when the app is up. Prints `HTTP_JSON {...}` after every step (a killed run keeps what it had)."""
+    import asyncio
+    import shutil
+    import tempfile
+
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+    def stop(signum, frame):  # SIGTERM from `phase_http` past its budget: unwind through the finally below
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)
+    deadline = time.perf_counter() + args.http_budget_s
+    cuda = args.device.startswith("cuda")
+    durations = [float(d) for d in args.http_durations.split(",")]
+    out: dict[str, Any] = {"preset": args.preset, "dtype": args.dtype, "device": args.device, "song_s": args.seconds,
+                           "load_jobs": args.http_jobs, "concurrency": args.http_concurrency,
+                           "load_durations_s": durations, "steps": 8, "errors": {}}
+
+    def emit() -> None:
+        print("HTTP_JSON " + json.dumps(_round(out), default=str), flush=True)
+
+    def left() -> float:
+        return deadline - time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[http worker] {message} (t={args.http_budget_s - left():.1f} s)", file=sys.stderr, flush=True)
+
+    sampler = GpuMemorySampler() if cuda else None
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-http-"))
+    ray = serve = None
+    try:
+        import httpx
+        import ray
+        from ray import serve
+
+        from deployments.app import build_graph
+        from deployments.bench import _free_port, _stage_options, drive, job_mix
+
+        def run_jobs(step: str, jobs: list[dict], concurrency: int, poll_s: float) -> dict | None:
+            """`drive` under the deadline; its result, or None with the error recorded."""
+            if left() < 5:
+                out["errors"][step] = "no time left"
+                return None
+            log(f"{step}: {len(jobs)} jobs at concurrency {concurrency} ...")
+            try:
+                result = asyncio.run(asyncio.wait_for(drive(url, jobs, concurrency, poll_s), timeout=left()))
+            except Exception as exc:  # noqa: BLE001 - a timeout or a failed job: record it, go on
+                out["errors"][step] = f"{type(exc).__name__}: {exc}"[:1500]
+                log(f"{step}: ERROR {out['errors'][step][:300]}")
+                return None
+            log(f"{step}: {result['jobs']} jobs in {result['seconds']:.2f} s")
+            return result
+
+        begin = time.perf_counter()
+        longest = max([args.seconds, *durations])
+        frames = 8 * math.ceil(longest * LATENTS_PER_SECOND)  # 8 of the longest jobs fit one DiT batch
+        ray.init(num_cpus=max(8, os.cpu_count() or 8), include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        url = f"http://127.0.0.1:{port}/gpu-check"
+        threads = max(1, (os.cpu_count() or 4) // 4)  # each stage builds the preset on the CPU: more threads, sooner
+        app_args = {"name": "gpucheck",
+                    "model": {"preset": args.preset, "dtype": args.dtype, "device": args.device,
+                              "stages": {stage: {"threads": threads} for stage in ("condition", "dit", "codec")}},
+                    "queue": {"max_queued_jobs": 4 * args.http_jobs + 10, "max_running_jobs": 64},
+                    "files": {"output_dir": str(work / "results"), "upload_dir": str(work / "uploads"),
+                              "journal_path": None}}
+        options = _stage_options(8, frames, "step")
+        if cuda:  # what each stage asks of the one GPU (Ray then also sets the replica's CUDA_VISIBLE_DEVICES)
+            for name, share in (("ConditionEncoder", 0.25), ("DiT", 0.5), ("AudioCodec", 0.25)):
+                options[name] = {**options[name], "ray_actor_options": {**options[name]["ray_actor_options"],
+                                                                        "num_gpus": share}}
+        out["stage_options"] = options
+        log(f"deploying {args.preset} {args.dtype} on {args.device} ({threads} CPU threads per stage) ...")
+        # serve.run waits for the replicas (each builds the preset): in a thread, so that the deadline holds.
+        deployed: dict[str, Any] = {}
+
+        def deploy() -> None:
+            try:
+                serve.run(build_graph(app_args, options), name="gpucheck", route_prefix="/gpu-check",
+                          blocking=False)
+            except BaseException as exc:  # noqa: BLE001
+                deployed["error"] = exc
+
+        import threading
+
+        thread = threading.Thread(target=deploy, daemon=True)
+        thread.start()
+        thread.join(timeout=max(1.0, left() - 10))
+        if thread.is_alive():
+            raise TimeoutError(f"the app was not running after {time.perf_counter() - begin:.0f} s")
+        if "error" in deployed:
+            raise deployed["error"]
+        while True:  # user_config applied in every stage
+            try:
+                stats = httpx.get(url + "/v1/stats", timeout=5).json()
+                slots = {k: v["slots"] for k, v in stats.get("stages", {}).items()}
+                if slots.get("dit") == 8 and slots.get("codec") == 4:
+                    break
+            except (httpx.HTTPError, ValueError):
+                pass
+            if left() < 10:
+                raise TimeoutError("the app did not report its stages' slots")
+            time.sleep(0.5)
+        out["startup_s"] = time.perf_counter() - begin
+        log(f"app up in {out['startup_s']:.1f} s")
+        emit()
+        # Warm-up: a short job through every hop (first HTTP request, first decode of a new length, ...).
+        warm = run_jobs("warmup", job_mix(1, [min(10.0, args.seconds)], 8, 1, "wav"), 1, 0.05)
+        out["warmup_s"] = warm["seconds"] if warm else None
+        song = run_jobs("song", job_mix(1, [args.seconds], 8, 1, "wav"), 1, 0.05)
+        if song:
+            out["song"] = song
+        emit()
+        load = run_jobs("load", job_mix(args.http_jobs, durations, 8, 1, "wav"), args.http_concurrency, 0.5)
+        if load:
+            out["load"] = load
+        emit()
+    except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt (SIGTERM) included: report, then shut down
+        out["errors"]["app"] = f"{type(exc).__name__}: {exc}"[:1500]
+        traceback.print_exc(limit=8)
+    finally:
+        if sampler is not None:
+            out.update(sampler.stop())
+        emit()
+        for name, shutdown in (("serve", getattr(serve, "shutdown", None)), ("ray", getattr(ray, "shutdown", None))):
+            try:
+                if shutdown is not None:
+                    shutdown()
+            except BaseException as exc:  # noqa: BLE001
+                out["errors"][f"{name}_shutdown"] = f"{type(exc).__name__}: {exc}"[:300]
+        shutil.rmtree(work, ignore_errors=True)
+        out["worker_seconds"] = args.http_budget_s - left()
+        emit()
+    return 0
+
+
 # -- report ------------------------------------------------------------------------------------------------------------
 def summary(result: dict) -> str:
     p, lines = result["phases"], []
@@ -750,6 +1008,22 @@ def summary(result: dict) -> str:
         lines.append(f"compile: {c['compile_first_call_s']:.0f} s to compile, step {c['compiled']['median_ms']:.1f} ms "
                      f"vs eager {c['eager']['median_ms']:.1f} / {c['eager_again']['median_ms']:.1f} ms "
                      f"(x{c['speedup']:.2f}), rel {c['compiled_vs_eager']['rel']:.3g}")
+    h = p.get("http", {})
+    if h:
+        mib = h.get("gpu_used_peak_mib")
+        lines.append(f"http ({h.get('preset')} {h.get('dtype')} on {h.get('device')}): app up in "
+                     f"{h.get('startup_s') or float('nan'):.0f} s"
+                     + (f"; peak GPU memory used {mib / 1024:.2f} GiB (nvidia-smi, all processes; "
+                        f"{(h.get('gpu_used_before_mib') or 0) / 1024:.2f} GiB before the app)" if mib else ""))
+        if "song" in h:
+            song = h["song"]
+            lines.append(f"http {h['song_s']:g} s song alone: {song['seconds']:.2f} s end to end; stage medians "
+                         + " ".join(f"{k} {v:.2f}" for k, v in song["stage_median_s"].items()))
+        if "load" in h:
+            load = h["load"]
+            lines.append(f"http load {load['jobs']} jobs ({h['load_durations_s']} s) at concurrency "
+                         f"{h['concurrency']}: {load['seconds']:.1f} s, {load['jobs_per_s']:.3f} jobs/s, p50 "
+                         f"{load['p50_s']:.1f} s, p95 {load['p95_s']:.1f} s")
     mem = result.get("memory", {})
     if "overall_peak_allocated_gib" in mem:
         lines.append(f"peak allocated overall {mem['overall_peak_allocated_gib']:.2f} GiB; per phase: " + ", ".join(
@@ -775,13 +1049,26 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile-budget-s", type=float, default=150.0)
     parser.add_argument("--skip", default="", help="comma-separated phases to skip (e.g. compile)")
     parser.add_argument("--no-fast-build", action="store_true", help="build presets on the CPU, as the engines do")
+    parser.add_argument("--http", action=argparse.BooleanOptionalAction, default=None,
+                        help="last, the real app (Ray + Serve) on --device over HTTP: one --seconds song alone, then "
+                        "--http-jobs jobs at --http-concurrency (default: on with cuda, off on the CPU)")
+    parser.add_argument("--http-jobs", type=int, default=16)
+    parser.add_argument("--http-concurrency", type=int, default=16)
+    parser.add_argument("--http-durations", default="", help="seconds, cycled over the load jobs (default: --seconds "
+                        "x 1, 0.9, 0.8, 0.7: mixed lengths)")
+    parser.add_argument("--http-budget-s", type=float, default=210.0, help="the HTTP phase is stopped past this")
+    parser.add_argument("--total-budget-s", type=float, default=450.0,
+                        help="the HTTP phase gets at most what is left of this, counted from the start")
     parser.add_argument("--compile-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--http-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tokens", type=int, default=600, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device is None:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.http is None:
+        args.http = args.device.startswith("cuda")
     return args
 
 
@@ -799,11 +1086,15 @@ def main(argv: list[str] | None = None) -> int:
         pass
     if args.compile_worker:
         return compile_worker(args)
+    if args.http_worker:
+        return http_worker(args)
     check = Check(args)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     plan = [("env", phase_env, 0), ("build", phase_build, 0), ("condition", phase_condition, 5),
             ("dit", phase_dit, 10), ("vae", phase_vae, 10), ("invariance", phase_invariance, 10),
             ("precision", phase_precision, 10), ("compile", phase_compile, 35)]
+    if args.http:  # last (it frees the engines); its own budget: --http-budget-s within --total-budget-s
+        plan.append(("http", phase_http, -math.inf))
     for name, fn, min_seconds in plan:
         if name in skip:
             check.result["skipped"][name] = "--skip"

@@ -3,9 +3,10 @@
 A job's sampling state (`Sampling`: its latents, its own timestep schedule, its guidance momentum) advances one Euler
 step per `DiTEngine.step` call, and one call runs a single forward pass over every state given to it, whatever
 their step, length or prompt length. The diffusers DiT applies no padding masks, so `_forward` pads the batch and
-masks the padding out of self- and cross-attention: a job's velocity then does not depend on what it was batched
-with (within float tolerance). Jobs whose requests differ in what a forward pass shares (step schedule, shift,
-guidance, cover blend: `batch_key`) never share one.
+runs diffusers' own forward with `KeyPaddingAttnProcessor` in every attention layer, which masks the padding out of
+self- and cross-attention: a job's velocity then does not depend on what it was batched with (within float
+tolerance). Jobs whose requests differ in what a forward pass shares (step schedule, shift, guidance, cover blend:
+`batch_key`) never share one.
 """
 
 from __future__ import annotations
@@ -14,15 +15,17 @@ import logging
 import math
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
-from diffusers.models.transformers.ace_step_transformer import _ace_step_rotary_freqs, _create_4d_mask
+from diffusers.models.transformers.ace_step_transformer import (AceStepAttnProcessor2_0, _create_4d_mask,
+                                                                _is_flash_attention_backend)
 from diffusers.utils.torch_utils import randn_tensor
 
 from models.condition import ConditionResult
@@ -95,6 +98,46 @@ class Sampling:
 StepCallback = Callable[[list[str], int, int, float], "set[str] | list[str] | None"]
 
 
+@dataclass
+class PaddingMasks:
+    """Key-padding masks of one forward pass over a padded batch: additive (0 kept, dtype min masked), shaped to
+    broadcast over heads (and queries, but for `sliding`); None where nothing is padded (what attention then gets is
+    diffusers' own: no mask, or its sliding-window band)."""
+
+    keys: torch.Tensor | None  # (B, 1, 1, L): latent patches, as self-attention keys (full-attention layers)
+    sliding: torch.Tensor | None  # (B, 1, L, L) band & keys on sliding-window layers; `keys` where no band is needed
+    cross: torch.Tensor | None  # (B, 1, 1, S): condition tokens, as cross-attention keys
+
+
+class KeyPaddingAttnProcessor(AceStepAttnProcessor2_0):
+    """diffusers' ACE-Step attention processor, with the key-padding masks of the pass in flight (`masks`) in place of
+    the mask diffusers' forward hands each layer. With `masks` None (same-shape batches) it is diffusers' processor.
+
+    The masks go through the processor's own `attention_mask` path: SDPA (any of its kernels that take a mask),
+    or, with a flash backend, diffusers' conversion of a 4D keep-mask to a varlen padding mask. diffusers' forward
+    takes no mask, and its blocks call the processor with fixed arguments (filtered by this `__call__`'s signature),
+    so `DiTEngine._forward` sets `masks` on the one instance that all the model's attention layers share.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.masks: PaddingMasks | None = None
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None,
+                 image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        masks = self.masks
+        if masks is not None:
+            if attn.is_cross_attention and encoder_hidden_states is not None:
+                attention_mask = masks.cross if masks.cross is not None else attention_mask
+            elif masks.keys is not None:
+                # A sliding layer gets diffusers' band mask (SDPA backends) or None (flash: it passes window_size).
+                banded = attention_mask is not None and getattr(attn, "sliding_window", None) is not None
+                attention_mask = masks.sliding if banded else masks.keys
+        return super().__call__(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                attention_mask=attention_mask, image_rotary_emb=image_rotary_emb)
+
+
 class DiTEngine:
     """`AceStepTransformer1DModel` + the ACE-Step timestep schedule + Euler steps (+ APG guidance for base models)."""
 
@@ -104,6 +147,7 @@ class DiTEngine:
         self.pipe = pipeline_view(self.components, load_vae_config(config))
         self.transformer = self.components["transformer"]
         self.device = config.torch_device()
+        self._processor()  # before compiling: the compiled forward traces this processor
         if config.compiled("dit"):
             self.transformer.compile()
 
@@ -191,8 +235,9 @@ class DiTEngine:
     def _forward(self, rows: list[tuple]) -> list[torch.Tensor]:
         """One DiT pass over row groups `(x (n, T, C), t, conditions (S, H), context (T, 2C), n)`; velocity per group.
 
-        Same-shape groups take diffusers' own forward. Otherwise everything is right-padded with zeros and the padding
-        is masked: latent padding as keys in self-attention (with the sliding band), condition padding as keys in
+        Always diffusers' own forward (so `torch.compile`, LoRA scales and attention backends apply to every batch).
+        Rows of different lengths are right-padded with zeros and the padding is masked as keys (`PaddingMasks`):
+        latent padding in self-attention (within the sliding band on sliding layers), condition padding in
         cross-attention. Padded query positions compute garbage that is cut off; nothing reads them.
         """
         device, dtype = self.device, self.transformer.dtype
@@ -209,46 +254,63 @@ class DiTEngine:
         enc = torch.cat([padded(r[2], width, n) for r, n in zip(rows, counts)])
         ctx = torch.cat([padded(r[3], length, n) for r, n in zip(rows, counts)])
         t = torch.cat([torch.full((n,), r[1], device=device, dtype=dtype) for r, n in zip(rows, counts)])
-        if len(set(frames)) == 1 and len(set(tokens)) == 1:
+        per_row = lambda values: [v for v, n in zip(values, counts) for _ in range(n)]  # noqa: E731
+        masks = self._padding_masks(per_row(frames), per_row(tokens))
+        with self._masked(masks):
             out = self.transformer(hidden_states=x, timestep=t, timestep_r=t, encoder_hidden_states=enc,
                                    context_latents=ctx, return_dict=False)[0]
-        else:
-            frame_counts = torch.tensor([f for f, n in zip(frames, counts) for _ in range(n)], device=device)
-            token_counts = torch.tensor([s for s, n in zip(tokens, counts) for _ in range(n)], device=device)
-            out = self._masked_forward(x, t, enc, ctx, frame_counts, token_counts)
         return list(out.split(counts))
 
-    def _masked_forward(self, x, t, enc, ctx, frame_counts, token_counts) -> torch.Tensor:
-        """`AceStepTransformer1DModel.forward` (diffusers 0.42.1) with key-padding masks added; same modules."""
-        model = self.transformer
-        temb_t, proj_t = model.time_embed(t)
-        temb_r, proj_r = model.time_embed_r(t - t)
-        temb, timestep_proj = temb_t + temb_r, proj_t + proj_r
-        hidden = torch.cat([ctx, x], dim=-1)
-        original_length = hidden.shape[1]
-        if original_length % model.patch_size:
-            hidden = F.pad(hidden, (0, 0, 0, model.patch_size - original_length % model.patch_size))
-        hidden = model.proj_in_conv(hidden.transpose(1, 2)).transpose(1, 2)
-        enc = model.condition_embedder(enc)
-        length, dtype, device = hidden.shape[1], hidden.dtype, hidden.device
-        # A patch is real when its first frame is (the model pads a job's own odd frame with zeros, as here).
-        patch_valid = torch.arange(length, device=device)[None] * model.patch_size < frame_counts[:, None]
-        token_valid = torch.arange(enc.shape[1], device=device)[None] < token_counts[:, None]
-        masks = {kind: _create_4d_mask(seq_len=length, dtype=dtype, device=device, attention_mask=patch_valid,
-                                       sliding_window=model.config.sliding_window, is_sliding_window=sliding,
-                                       is_causal=False)
-                 for kind, sliding in (("sliding_attention", True), ("full_attention", False))}
-        cross_mask = torch.zeros(token_valid.shape, dtype=dtype, device=device)
-        cross_mask.masked_fill_(~token_valid, torch.finfo(dtype).min)
-        rotary = _ace_step_rotary_freqs(length, model.head_dim, model.rope_theta, device, dtype)
-        for i, layer in enumerate(model.layers):
-            hidden = layer(hidden_states=hidden, position_embeddings=rotary, temb=timestep_proj,
-                           attention_mask=masks[model.layer_types[i]], encoder_hidden_states=enc,
-                           encoder_attention_mask=cross_mask[:, None, None, :])
-        shift, scale = (model.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
-        hidden = (model.norm_out(hidden) * (1 + scale) + shift).type_as(hidden)
-        hidden = model.proj_out_conv(hidden.transpose(1, 2)).transpose(1, 2)
-        return hidden[:, :original_length]
+    def _processor(self) -> KeyPaddingAttnProcessor:
+        """The transformer's shared `KeyPaddingAttnProcessor`, installed in every attention layer if it is not there
+        (a new engine, or a transformer swapped in; a deep copy keeps one shared instance)."""
+        processor = self.transformer.layers[0].self_attn.processor
+        if not isinstance(processor, KeyPaddingAttnProcessor):
+            processor = KeyPaddingAttnProcessor()
+            self.transformer.set_attn_processor(processor)
+        return processor
+
+    @contextmanager
+    def _masked(self, masks: PaddingMasks | None) -> Iterator[None]:
+        processor = self._processor()
+        processor.masks = masks
+        try:
+            yield
+        finally:
+            processor.masks = None
+
+    def _padding_masks(self, frames: list[int], tokens: list[int]) -> PaddingMasks | None:
+        """Masks for rows of `frames` latent frames and `tokens` condition tokens, padded to the longest; None when
+        every row has the same lengths (diffusers' forward exactly as upstream runs it)."""
+        frames_differ, tokens_differ = len(set(frames)) > 1, len(set(tokens)) > 1
+        if not (frames_differ or tokens_differ):
+            return None
+        model, device, dtype = self.transformer, self.device, self.transformer.dtype
+        keys = sliding = cross = None
+
+        def additive(keep: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, torch.finfo(dtype).min)
+
+        if frames_differ:
+            patch = model.patch_size
+            length = -(-max(frames) // patch)
+            # A patch is real when its first frame is (the model pads a job's own odd frame with zeros, as here).
+            valid = torch.arange(length, device=device)[None] * patch < torch.tensor(frames, device=device)[:, None]
+            keys = additive(valid[:, None, None, :])
+            window = model.config.sliding_window
+            if window is None or length - 1 <= window or _is_flash_attention_backend(self._processor()):
+                sliding = keys  # the band spans every pair, or flash applies it itself (window_size)
+            else:
+                # diffusers' band AND the row's keys: a per-row (L, L) mask, built once for every sliding layer. Each
+                # query keeps at least its own key, so no row is fully masked (in float16 masked scores can overflow
+                # to -inf: a NaN row of padding would reach real rows through 0 * NaN in the next layer).
+                sliding = _create_4d_mask(seq_len=length, dtype=dtype, device=device, attention_mask=valid,
+                                          sliding_window=window, is_sliding_window=True, is_causal=False)
+                sliding.diagonal(dim1=-2, dim2=-1).zero_()
+        if tokens_differ:
+            valid = torch.arange(max(tokens), device=device)[None] < torch.tensor(tokens, device=device)[:, None]
+            cross = additive(valid[:, None, None, :])
+        return PaddingMasks(keys=keys, sliding=sliding, cross=cross)
 
     def generate(self, requests: list[DiTRequest], on_step: StepCallback | None = None) -> list[np.ndarray | None]:
         """Whole-request batching: latents `(len(seeds), frames, latent_channels)` per request, in order.

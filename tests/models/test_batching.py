@@ -105,3 +105,66 @@ def test_naive_padding_would_change_results(engines, requests_):
     naive = dit.transformer(hidden_states=x, timestep=t, timestep_r=t, encoder_hidden_states=enc,
                             context_latents=ctx, return_dict=False)[0][:, :states[0].frames]
     assert not np.allclose(naive.numpy(), alone.numpy(), atol=1e-3)
+
+
+def _attention_masks(dit: DiTEngine, rows, monkeypatch) -> dict[str, set]:
+    """The mask shapes diffusers' attention processor receives in one `_forward`, per kind of attention layer."""
+    from diffusers.models.transformers.ace_step_transformer import AceStepAttnProcessor2_0
+
+    seen: dict[str, set] = {"sliding": set(), "full": set(), "cross": set()}
+    original = AceStepAttnProcessor2_0.__call__
+
+    def spy(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        kind = "cross" if attn.is_cross_attention else "sliding" if attn.sliding_window is not None else "full"
+        seen[kind].add(None if attention_mask is None else tuple(attention_mask.shape))
+        return original(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+    monkeypatch.setattr(AceStepAttnProcessor2_0, "__call__", spy)
+    dit._forward(rows)
+    monkeypatch.undo()
+    return seen
+
+
+def test_masks_only_where_lengths_differ(engines, requests_, monkeypatch):
+    """Equal lengths: diffusers' forward as upstream runs it (no mask but its sliding band). Other lengths: key-padding
+    masks `(B, 1, 1, L)` that broadcast over heads and queries; a per-row `(B, 1, L, L)` only on the sliding layers,
+    where the band already is an (L, L) mask."""
+    _, dit = engines
+    states = [dit.start(r) for r in requests_]
+    row = lambda s: (s.xt, float(s.scheduler.timesteps[0]), s.conditions, s.context, s.xt.shape[0])  # noqa: E731
+    patches = lambda s: -(-s.frames // 2)  # noqa: E731
+    window = dit.transformer.config.sliding_window
+    assert patches(states[2]) - 1 > window, "the longest job must reach past the sliding window"
+
+    same = _attention_masks(dit, [row(states[1])], monkeypatch)
+    assert same == {"sliding": {(1, 1, patches(states[1]), patches(states[1]))}, "full": {None}, "cross": {None}}
+
+    rows = [row(s) for s in states]
+    batch, length, tokens = sum(r[4] for r in rows), patches(states[2]), max(s.conditions.shape[0] for s in states)
+    mixed = _attention_masks(dit, rows, monkeypatch)
+    assert mixed == {"sliding": {(batch, 1, length, length)}, "full": {(batch, 1, 1, length)},
+                     "cross": {(batch, 1, 1, tokens)}}
+
+    # Same frames, other prompt lengths: only cross-attention is masked.
+    other = dit.start(DiTRequest(condition=requests_[1].condition, seeds=[9], num_inference_steps=4))
+    other.conditions = other.conditions[:-3]
+    prompts = _attention_masks(dit, [row(states[1]), row(other)], monkeypatch)
+    assert prompts["full"] == {None} and prompts["cross"] == {(3, 1, 1, states[1].conditions.shape[0])}
+    assert prompts["sliding"] == same["sliding"]
+
+
+def test_a_swapped_in_transformer_is_masked_too(requests_):
+    """A transformer replaced on the engine (benchmarks/gpu_check.py swaps in a float32 copy) gets the processor."""
+    import copy
+
+    from diffusers.models.transformers.ace_step_transformer import AceStepAttnProcessor2_0
+
+    dit = DiTEngine(CONFIG)
+    fresh = copy.deepcopy(dit.transformer)
+    fresh.set_attn_processor(AceStepAttnProcessor2_0())
+    dit.transformer = fresh
+    alone = [_alone(dit, r) for r in requests_]
+    states = [dit.start(r) for r in requests_]
+    _run(dit, states)
+    for state, expected in zip(states, alone):
+        np.testing.assert_allclose(state.latents(), expected, atol=2e-5)

@@ -152,7 +152,7 @@ def batch_requests():
 @pytest.mark.parametrize("turbo", [True, False], ids=["turbo", "cfg"])
 def test_bf16_mixed_batch_equals_alone(batch_requests, turbo, limit, monkeypatch):
     """As tests/models/test_batching.py on the CPU in float32, here in bf16 on the GPU: a job's latents alone and in a
-    batch of other lengths (the masked forward) agree within bf16 rounding."""
+    batch of other lengths (padded, with key-padding masks) agree within bf16 rounding."""
     _, dit, _ = _engines("tiny")
     monkeypatch.setattr(dit.pipe, "is_turbo", turbo)  # the CFG + APG path of base models, on the same weights
     alone = [dit.generate([r])[0] for r in batch_requests]
@@ -189,7 +189,8 @@ def compiled_and_eager():
 
 def test_compiled_dit_matches_eager(compiled_and_eager, batch_requests, limit):
     """`stages.dit.compile`: the DiT's forward goes through torch.compile; a step runs and matches eager. Mixed
-    lengths take the masked forward (eager layers, same weights) and must run too."""
+    lengths go through the same compiled forward, with key-padding masks in its attention processors, and must match
+    too."""
     compiled, eager = compiled_and_eager
     assert compiled.transformer._compiled_call_impl is not None, "the transformer was not compiled"
     assert eager.transformer._compiled_call_impl is None
