@@ -34,14 +34,28 @@ class AppArgs(BaseModel):
 
 
 def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
-    """The builder `serve_config.yaml` names (Serve requires exactly one parameter)."""
+    """The builder `serve_config.yaml` names (Serve requires exactly one parameter). It never simulates."""
+    if _asks_to_simulate(args):
+        raise ValueError("`simulate` is a benchmark-only mode (`acestep-bench --simulate`, deployments/simulate.py): "
+                         "a deployable config (serve_config.yaml, `serve run`, build_app) cannot replace the model "
+                         "stages with simulated ones; remove the `simulate` key")
     return build_graph(args)
 
 
+def _asks_to_simulate(args: Any) -> bool:
+    """Whether a config has a `simulate` key (at the top, or under `model`)."""
+    if not isinstance(args, dict):
+        return False
+    return "simulate" in args or (isinstance(args.get("model"), dict) and "simulate" in args["model"])
+
+
 def build_graph(args: dict[str, Any] | AppArgs | None = None,
-                options: dict[str, dict[str, Any]] | None = None) -> Application:
+                options: dict[str, dict[str, Any]] | None = None, simulate: dict[str, Any] | None = None
+                ) -> Application:
     """`args` as in serve_config.yaml. `options` (Python callers: tests, `acestep-bench`) overrides deployment
-    options by deployment name, as serve_config.yaml's `deployments:` list does for `serve run/deploy`."""
+    options by deployment name, as serve_config.yaml's `deployments:` list does for `serve run/deploy`.
+    `simulate` (Python callers only: `acestep-bench --simulate`, tests) is a cost file (`deployments.simulate`): the
+    stages then sleep its modelled time instead of computing, and load no weights."""
     options = options or {}
 
     def bind(deployment, *init_args):
@@ -55,8 +69,9 @@ def build_graph(args: dict[str, Any] | AppArgs | None = None,
         check_checkpoint_dir(model.checkpoint_dir, REQUIRED_PARTS)
     app_args = app_args.model_copy(update={"files": app_args.files.resolved(), "model": model})
     registry = (app_args.name, app_args.queue, app_args.files)
-    condition = bind(ConditionEncoder, app_args.model, *registry)
-    dit = bind(DiT, app_args.model, *registry)
-    codec = bind(AudioCodec, app_args.model, *registry)
+    sim = () if simulate is None else (simulate,)
+    condition = bind(ConditionEncoder, app_args.model, *registry, *sim)
+    dit = bind(DiT, app_args.model, *registry, *sim)
+    codec = bind(AudioCodec, app_args.model, *registry, *sim)
     driver = bind(JobDriver, app_args.model, app_args.queue, app_args.files, app_args.name, condition, dit, codec)
     return bind(Ingress, app_args, driver, {"ConditionEncoder": condition, "DiT": dit, "AudioCodec": codec})

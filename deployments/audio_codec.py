@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from ray import serve
 
-from deployments.stage import FrameBudget, ItemFailure, StageReplica
+from deployments.stage import FrameBudget, ItemFailure, StageReplica, stamped
 from jobs.config import FilesConfig, QueueConfig
 from jobs.metrics import metrics
 from jobs.storage import ResultStore, UploadStore
@@ -42,28 +42,32 @@ _budget = FrameBudget(lambda latents: latents.shape[0] * latents.shape[1])
 class AudioCodec(StageReplica):
     engine_class, stage, batched, budget = AudioCodecEngine, "codec", "decode_batch", _budget
 
-    async def __init__(self, model: ModelConfig, registry_name: str, queue: QueueConfig, files: FilesConfig):
-        await self.start(model, registry_name, queue, files)
+    async def __init__(self, model: ModelConfig, registry_name: str, queue: QueueConfig, files: FilesConfig,
+                       simulate: dict | None = None):
+        await self.start(model, registry_name, queue, files, simulate)
         self.store = ResultStore(files.output_dir, files.storage_options)
         self.uploads = UploadStore(files.upload_dir, files.storage_options)
 
-    async def decode(self, request: DecodeRequest) -> list[str]:
-        """Decode, trim to the requested duration, encode and store each output; the keys, in output order."""
-        audio = await self.one(self.decode_batch, request.latents)
+    async def decode(self, request: DecodeRequest, company: int = 1) -> tuple[list[str], dict]:
+        """Decode, trim to the requested duration, encode and store each output: the keys, in output order, and
+        the job's stamps for the timeline (`written`: the files are stored)."""
+        audio, stamps = await self.one(self.decode_batch, request.latents, company)
         start = time.perf_counter()
         keys = await asyncio.to_thread(self._write, request, audio[..., : request.samples])
+        stamps["written"] = time.time()
+        self.observe_latency(stamps["written"] - stamps["arrived"])
         logger.info("job %s: wrote %d files in %.3f s", request.attempt_id, len(keys), time.perf_counter() - start)
-        return keys
+        return keys, stamps
 
     @serve.batch(max_batch_size=16384, batch_wait_timeout_s=0.02, batch_size_fn=_budget)
-    async def decode_batch(self, items: list[np.ndarray]) -> list[np.ndarray | ItemFailure]:
-        """Items are latents `(n, frames, channels)`; returns `(n, channels, samples)` each."""
+    async def decode_batch(self, items: list[np.ndarray]) -> list[tuple | ItemFailure]:
+        """Items are latents `(n, frames, channels)`; answers `(n, channels, samples)` each, `stamped`."""
         metrics().stage_batch_size.observe(len(items), tags={"stage": "decode"})
-        start = time.perf_counter()
+        start, started = time.perf_counter(), time.time()
         audio = await self.guard.run_batch(self.engine.decode, items)
         self.jobs_done += len(items)
         logger.info("decode batch of %d in %.3f s", len(items), time.perf_counter() - start)
-        return audio
+        return stamped(audio, started)
 
     def _write(self, request: DecodeRequest, audio: np.ndarray) -> list[str]:
         keys = []
@@ -74,19 +78,22 @@ class AudioCodec(StageReplica):
         return keys
 
     async def encode(self, source: dict[str, str], kind: str, seed: int | None, attempt_id: str = ""
-                     ) -> tuple[np.ndarray, float]:
+                     ) -> tuple[tuple[np.ndarray, float], dict]:
         """Input audio (`{"upload": key}` in the upload store, or `{"path": file}` on a server path) -> its latents
-        `(frames, channels)` and its length in seconds. Read here, so the waveform never travels between replicas."""
+        `(frames, channels)` and its length in seconds, and the stamps for the timeline. Read here, so the waveform
+        never travels between replicas."""
         self.calls_in_flight += 1
-        start = time.perf_counter()
+        arrived, start = time.time(), time.perf_counter()
         try:
             waveform = await asyncio.to_thread(self._load, source)
+            started = time.time()
             latents = await self.guard.run(self.engine.encode, waveform, kind, seed)
         finally:
             self.calls_in_flight -= 1
         logger.info("job %s: encoded %s audio (%d samples) in %.3f s", attempt_id, kind, waveform.shape[-1],
                     time.perf_counter() - start)
-        return latents, waveform.shape[-1] / self.engine.sample_rate
+        stamps = {"arrived": arrived, "started": started, "finished": time.time()}
+        return (latents, waveform.shape[-1] / self.engine.sample_rate), stamps
 
     def _load(self, source: dict[str, str]) -> np.ndarray:
         data = self.uploads.get(source["upload"]) if "upload" in source else Path(source["path"]).read_bytes()

@@ -124,9 +124,37 @@ class SequentialBaseline:
 
 
 # -- the served pipeline ---------------------------------------------------------------------------------------------
-async def drive(url: str, jobs: list[dict], concurrency: int, poll_s: float) -> dict[str, Any]:
-    """`concurrency` clients submit and poll until every job is done. Per job: latency, and the ETA seen at the
-    first poll against the wait that followed."""
+def timeline_gaps(timeline: dict[str, Any]) -> dict[str, float]:
+    """A job's timeline as consecutive gaps, in seconds: `queue` (submitted -> leased), then per stage `<stage>.in`
+    (the driver sent the call -> it arrived), `.wait` (arrived -> its batch started), `.compute` (started ->
+    finished), `.write` (decode only: finished -> files written), `.out` (finished or written -> the driver has the
+    answer), `driver` time between stages (returned -> next sent, and leased -> first sent), and `finish` (the
+    last answer -> the registry has the result)."""
+    gaps: dict[str, float] = {"queue": timeline["leased"] - timeline["submitted"]}
+    last = timeline["leased"]
+    for name, t in timeline["stages"].items():
+        gaps["driver"] = gaps.get("driver", 0.0) + t["sent"] - last
+        gaps[f"{name}.in"] = t["arrived"] - t["sent"]
+        gaps[f"{name}.wait"] = t["started"] - t["arrived"]
+        gaps[f"{name}.compute"] = t["finished"] - t["started"]
+        done = t["finished"]
+        if "written" in t:
+            gaps[f"{name}.write"], done = t["written"] - t["finished"], t["written"]
+        gaps[f"{name}.out"] = t["returned"] - done
+        last = t["returned"]
+    gaps["finish"] = timeline["finished"] - last
+    return gaps
+
+
+def _medians(rows: list[dict[str, float]]) -> dict[str, float]:
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    return {key: statistics.median(row[key] for row in rows if key in row) for key in keys}
+
+
+async def drive(url: str, jobs: list[dict], concurrency: int, poll_s: float = 0.0) -> dict[str, Any]:
+    """`concurrency` clients submit and follow their job until it is done: with long-polls (`?wait=`, answered
+    on every change) when `poll_s` is 0, else polling every `poll_s`. Per job: latency, the ETA seen at the first
+    look against the wait that followed, the timeline's gaps and the Ray calls it cost."""
     import httpx
 
     queue = list(enumerate(jobs))
@@ -146,15 +174,18 @@ async def drive(url: str, jobs: list[dict], concurrency: int, poll_s: float) -> 
             first = None
             while True:
                 polled = time.time()
-                view = (await client.get(f"/v1/jobs/{job_id}")).json()
+                wait = 0 if first is None or poll_s else 30
+                view = (await client.get(f"/v1/jobs/{job_id}", params={"wait": wait})).json()
                 first = first or (polled, view)
                 if view["status"] in ("succeeded", "failed", "canceled"):
                     break
-                await asyncio.sleep(poll_s)
+                if poll_s:
+                    await asyncio.sleep(poll_s)
             if view["status"] != "succeeded":
                 raise RuntimeError(f"job {job_id} {view['status']}: {view['error']}")
+            timeline = view["result"]["timeline"]
             record = {"index": index, "latency": time.time() - submitted, "stages": view["result"]["stage_seconds"],
-                      "finished": time.time()}
+                      "finished": time.time(), "gaps": timeline_gaps(timeline), "ray_calls": timeline["ray_calls"]}
             polled, first_view = first
             if first_view["status"] == "queued" and first_view["eta_seconds"]:
                 record["eta"] = (first_view["eta_seconds"], view["started_at"] - polled)
@@ -169,12 +200,14 @@ async def drive(url: str, jobs: list[dict], concurrency: int, poll_s: float) -> 
     etas = [abs(predicted - actual) / actual for predicted, actual in pairs]
     stages = {name: statistics.median(r["stages"].get(name, 0.0) for r in records)
               for name in ("condition", "diffusion", "decode")}
+    ray_calls = _medians([r["ray_calls"] for r in records])
     return {"jobs": len(records), "seconds": elapsed, "jobs_per_s": len(records) / elapsed,
             "p50_s": _quantile(latencies, 0.5), "p95_s": _quantile(latencies, 0.95),
             "eta_error_median": statistics.median(etas) if etas else None, "eta_samples": len(etas),
             "eta_predicted_vs_actual_median_s": [statistics.median(p[0] for p in pairs),
                                                  statistics.median(p[1] for p in pairs)] if pairs else None,
-            "stage_median_s": stages}
+            "stage_median_s": stages, "timeline_median_s": _medians([r["gaps"] for r in records]),
+            "ray_calls_per_job_median": {**ray_calls, "total": sum(ray_calls.values())}}
 
 
 def _quantile(sorted_values: list[float], q: float) -> float:
@@ -188,7 +221,17 @@ def _free_port() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    early.add_argument("--gpu-check", action="store_true")
+    known, rest = early.parse_known_args(argv)
+    if known.gpu_check:  # every other argument is benchmarks/gpu_check.py's
+        from benchmarks.gpu_check import main as gpu_check
+
+        return gpu_check(rest)
     parser = argparse.ArgumentParser(prog="acestep-bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gpu-check", action="store_true", help="run the one-shot GPU check instead "
+                        "(benchmarks/gpu_check.py: in-process phases, then the app over HTTP); the other arguments "
+                        "are its own: see `acestep-bench --gpu-check --help`")
     parser.add_argument("--preset", default="small", help="tiny, small (CPU), turbo / base / xl-turbo (GPU)")
     parser.add_argument("--jobs", type=int, default=32, help="jobs per load phase")
     parser.add_argument("--concurrency", type=int, default=16, help="concurrent HTTP clients")
@@ -202,10 +245,25 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads of each stage (default: Ray's, 1 per num_cpus: 0 replica; more "
                         "oversubscribes a small CPU when stages overlap). The baseline always uses all cores.")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--poll-s", type=float, default=1.0, help="each client's poll interval under load (polls "
-                        "cost CPU: at 0.25 s, 16 clients kept the proxy and ingress at 45%% of a core here)")
+    parser.add_argument("--poll-s", type=float, default=0.0, help="each client's poll interval under load; 0 (the "
+                        "default): long-polls (`?wait=`), answered on every change of the job")
     parser.add_argument("--sequential-jobs", type=int, default=None, help="baseline jobs (default: --jobs)")
+    parser.add_argument("--simulate", metavar="NAME_OR_PATH", default=None, help="capacity simulation instead: the "
+                        "real app with stages that sleep a cost model's time (cpu, gpu or a cost file's path; "
+                        "deployments/simulate.py). The options above it gives change its workload")
+    parser.add_argument("--control-plane", action="store_true", help="measure polls and submissions through the "
+                        "HTTP front door instead (deployments/bench_control.py; its options are the --cp-* ones)")
+    from deployments import bench_control
+
+    bench_control.add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.simulate:
+        from deployments.simulate import run as simulate
+
+        return simulate(args, parser)
+    if args.control_plane:
+        bench_control.run(args)
+        return 0
 
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -266,10 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print("[bench] starting the app ...", file=sys.stderr)
         deploy(args.max_batch_size, "step")
-        asyncio.run(drive(url, jobs[:4], 4, 0.1))  # warm-up: first requests through every hop
-        # 2. One job alone, end to end, polled every 10 ms.
-        alone = [asyncio.run(drive(url, [jobs[0]], 1, 0.01))["seconds"] for _ in range(3)]
-        results["served_latency_s"] = statistics.median(alone)
+        asyncio.run(drive(url, jobs[:4], 4))  # warm-up: first requests through every hop
+        # 2. One job alone, end to end, followed by long-polls.
+        alone = [asyncio.run(drive(url, [jobs[0]], 1)) for _ in range(3)]
+        results["served_latency_s"] = statistics.median(run["seconds"] for run in alone)
+        results["timeline_single_job_s"] = _medians([run["timeline_median_s"] for run in alone])
         # 3. Load, three ways, same replicas.
         phases = {}
         for name, batch, scheduling in (("step", args.max_batch_size, "step"),
@@ -291,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         "overhead_ratio": results["served_latency_s"] / results["pipeline_latency_s"],
         "overhead_ratio_same_threads": results["served_latency_s"] / results["pipeline_latency_stage_threads_s"],
         "eta_error_median": phases["step"]["eta_error_median"], "faster_scheduling": best,
+        "timeline": phases["step"]["timeline_median_s"],
+        "ray_calls_per_job": phases["step"]["ray_calls_per_job_median"],
     })
     print(render(results))
     print("BENCH_JSON " + json.dumps(results, default=lambda v: round(v, 4) if isinstance(v, float) else v))
@@ -312,6 +373,11 @@ def render(r: dict[str, Any]) -> str:
                      f"{eta:>9}  {stages}")
     lines.append(f"served single job: {r['served_latency_s']:.2f} s; peak RSS of the app and Ray: "
                  f"{r['peak_rss_mib']} MiB")
+    lines.append(f"timeline, median seconds per gap (single job | under load, step phase); Ray calls per job under "
+                 f"load: {r['ray_calls_per_job']}")
+    single, loaded = r["timeline_single_job_s"], r["timeline"]
+    for key in dict.fromkeys([*single, *loaded]):
+        lines.append(f"  {key:<26}{single.get(key, float('nan')):>9.3f}{loaded.get(key, float('nan')):>9.3f}")
     for key in ("throughput_ratio_vs_sequential", "batching_gain", "step_vs_request_scheduling", "overhead_ratio",
                 "overhead_ratio_same_threads", "eta_error_median"):
         value = r[key]

@@ -23,8 +23,9 @@ logger = logging.getLogger(__name__)
 class DiT(StageReplica):
     engine_class, stage = DiTEngine, "dit"
 
-    async def __init__(self, model: ModelConfig, registry_name: str, queue: QueueConfig, files: FilesConfig):
-        await self.start(model, registry_name, queue, files)
+    async def __init__(self, model: ModelConfig, registry_name: str, queue: QueueConfig, files: FilesConfig,
+                       simulate: dict | None = None):
+        await self.start(model, registry_name, queue, files, simulate)
         self.scheduler = StepScheduler(self.engine, StepSchedulingConfig(), run_engine=self.guard.run,
                                        on_progress=self._on_progress, on_batch=self._on_batch)
 
@@ -37,15 +38,20 @@ class DiT(StageReplica):
     def in_flight(self) -> int:
         return self.scheduler.jobs
 
-    async def generate(self, request: DiTRequest) -> tuple[np.ndarray | None, int]:
+    def latency(self) -> float | None:
+        """Seconds per step round: what each remaining step of a job costs now."""
+        return self.scheduler.round_s
+
+    async def generate(self, request: DiTRequest, company: int = 1) -> tuple[np.ndarray | None, dict]:
         """The job's latents `(outputs, frames, channels)`, or None if it was stopped (canceled, timed out,
-        superseded); and the most jobs it shared a forward pass with."""
+        superseded); and its record: stamps (arrived, started, finished), the most jobs it shared a forward pass
+        with (`max_jobs_per_pass`) and the progress reports that carried it (`reports`)."""
         record: dict = {}
-        latents = await self.scheduler.submit(request, record)
+        latents = await self.scheduler.submit(request, record, company)
         self.jobs_done += latents is not None
         logger.info("job %s: %s after the DiT (at most %d jobs per forward pass)", request.tag,
                     "latents" if latents is not None else "stopped", record["max_jobs_per_pass"])
-        return latents, record["max_jobs_per_pass"]
+        return latents, record
 
     def _on_batch(self, jobs: int, seconds: float) -> None:
         metrics().stage_batch_size.observe(jobs, tags={"stage": "dit"})

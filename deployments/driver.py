@@ -1,9 +1,14 @@
 """`JobDriver`: leases jobs from the registry and moves each through the stages (the decoder writes the audio).
 
-It holds no job state of its own: a lease kept alive by heartbeats. If this replica dies, its leases lapse and the
-registry hands the jobs to another driver (or fails them after `max_attempts`). Each lease is one attempt, whose id
-(`<job_id>#<n>`) every stage call carries; when the registry says the attempt is no longer ours (canceled, timed
-out, lease lost), the stage call in flight is canceled on its replica.
+It holds no job state of its own: leases kept alive by one heartbeat call for all its jobs. If this replica dies,
+its leases lapse and the registry hands the jobs to another driver (or fails them after `max_attempts`). Each lease
+is one attempt, whose id (`<job_id>#<n>`) every stage call carries; when the registry says the attempt is no longer
+ours (canceled, timed out, lease lost), the stage call in flight is canceled on its replica.
+
+Each stage call also carries `company`: how many of this driver's other jobs are on their way to that stage. With
+none, and nothing inside the stage, the stage does not wait for batch-mates that are not coming. Every job's result
+has a `timeline`: when each stage call was sent, arrived, started, finished and returned (wall clock), and the Ray
+calls the job cost.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import logging
 import math
 import time
 import uuid
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import ray
@@ -37,8 +44,24 @@ logger = logging.getLogger(__name__)
 RETRYABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, BackPressureError)
 
 
+# The stages a job passes before each stage: its possible batch-mates there are the jobs in these now.
+UPSTREAM = {"encode_audio": ("starting",), "condition": ("starting", "encode_audio"),
+            "diffusion": ("starting", "encode_audio", "condition"), "decode": ("diffusion",)}
+
+
 class StageError(Exception):
     """A stage failed this job; the message is the one line the client sees."""
+
+
+@dataclass(eq=False)
+class Running:
+    """One attempt this driver runs: its work, its progress (sent with the next heartbeat when it changed) and the
+    Ray calls it has cost."""
+
+    progress: dict[str, Any] = field(default_factory=lambda: {"stage": "starting", "step": 0, "total": 0})
+    work: asyncio.Task | None = None
+    sent: dict[str, Any] | None = None  # the progress the registry has
+    calls: Counter = field(default_factory=Counter)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, health_check_period_s=10)
@@ -53,11 +76,14 @@ class JobDriver:
         self.sample_rate, self.hop_length = int(vae["sampling_rate"]), math.prod(vae["downsampling_ratios"])
         self.driver_id = f"driver-{uuid.uuid4().hex[:12]}"
         self.running: set[asyncio.Task] = set()
+        self.attempts: dict[str, Running] = {}
         self.loop = asyncio.get_running_loop().create_task(self._lease_loop())
+        self.beats = asyncio.get_running_loop().create_task(self._heartbeat_loop())
 
     def check_health(self) -> None:
-        if self.loop.done():
-            raise RuntimeError(f"lease loop stopped: {self.loop.exception()!r}")
+        for name, task in (("lease loop", self.loop), ("heartbeat loop", self.beats)):
+            if task.done():
+                raise RuntimeError(f"{name} stopped: {task.exception()!r}")
 
     async def _lease_loop(self) -> None:
         while True:
@@ -66,7 +92,11 @@ class JobDriver:
                 if room <= 0:
                     await asyncio.wait(self.running, return_when=asyncio.FIRST_COMPLETED)
                     continue
-                for job in await self.registry.call("lease", self.driver_id, room, 1.0):
+                leased = await self.registry.call("lease", self.driver_id, room, 1.0)
+                for job in leased:  # all registered first: each one's company counts the others
+                    self.attempts[job["attempt_id"]] = Running()
+                    self.attempts[job["attempt_id"]].calls["registry"] += 1 / len(leased)
+                for job in leased:
                     task = asyncio.create_task(self._run_job(job))
                     self.running.add(task)
                     task.add_done_callback(self.running.discard)
@@ -74,24 +104,48 @@ class JobDriver:
                 logger.exception("lease loop error; retrying in 1 s")
                 await asyncio.sleep(1.0)
 
-    async def _run_job(self, job: dict[str, Any]) -> None:
-        attempt, spec = job["attempt_id"], job["spec"]
-        progress = {"stage": "starting", "step": 0, "total": 0}
-        work = asyncio.create_task(self._generate(job["job_id"], attempt, spec, progress))
+    async def _heartbeat_loop(self) -> None:
+        """One call for all of this driver's attempts, every `lease_seconds / 3` (at most 1 s); it carries the
+        progress that changed (the DiT reports diffusion steps itself). An attempt the registry no longer counts as
+        ours is stopped: its stage call in flight is canceled too (see `_generate.stage`)."""
         beat = min(self.queue.lease_seconds / 3, 1.0)
-        while not work.done():
-            await asyncio.wait({work}, timeout=beat)
-            if work.done():
-                break
-            try:
-                still_ours = await self.registry.call("heartbeat", attempt, self.driver_id,
-                                                      None if progress["stage"] == "diffusion" else progress)
-            except Exception:  # registry briefly unreachable: the lease has slack for a missed beat
+        while True:
+            await asyncio.sleep(beat)
+            if not self.attempts:
                 continue
-            if not still_ours:
-                work.cancel()  # cancels the stage call in flight too (see `_generate.stage`)
-                logger.warning("job %s: no longer ours (canceled, timed out or lease lost); stopping", attempt)
-                return
+            sent = {attempt: None if run.progress["stage"] == "diffusion" or run.progress == run.sent
+                    else dict(run.progress) for attempt, run in self.attempts.items()}
+            try:
+                lost = await self.registry.call("heartbeats", self.driver_id, sent)
+            except Exception:  # registry briefly unreachable: the lease has slack for a missed beat
+                logger.warning("heartbeat failed; retrying", exc_info=True)
+                continue
+            for attempt, progress in sent.items():
+                run = self.attempts.get(attempt)
+                if run is not None:
+                    run.calls["registry"] += 1 / len(sent)
+                    run.sent = progress or run.sent
+            for attempt in lost:
+                run = self.attempts.get(attempt)
+                if run is not None and run.work is not None and not run.work.done():
+                    logger.warning("job %s: no longer ours (canceled, timed out or lease lost); stopping", attempt)
+                    run.work.cancel()
+
+    async def _run_job(self, job: dict[str, Any]) -> None:
+        attempt = job["attempt_id"]
+        run = self.attempts[attempt]
+        try:
+            run.work = asyncio.create_task(self._generate(job["job_id"], attempt, job["spec"], run))
+            await asyncio.wait({run.work})
+            await self._report(attempt, run)
+        finally:
+            del self.attempts[attempt]
+
+    async def _report(self, attempt: str, run: Running) -> None:
+        """The attempt's outcome to the registry (nothing when it was stopped for no longer being ours)."""
+        work, progress = run.work, run.progress
+        if work.cancelled():
+            return
         try:
             result = work.result()
         except RETRYABLE as exc:
@@ -103,26 +157,41 @@ class JobDriver:
             logger.exception("job %s failed unexpectedly", attempt)
             await self.registry.call("fail", attempt, self.driver_id, f"{progress['stage']}: {_one_line(exc)}")
         else:
+            run.calls["registry"] += 1
+            result["timeline"]["ray_calls"] = {kind: round(n, 2) for kind, n in run.calls.items()}
             await self.registry.call("finish", attempt, self.driver_id, result)
 
-    async def _generate(self, job_id: str, attempt: str, spec: dict[str, Any],
-                        progress: dict[str, Any]) -> dict[str, Any]:
+    def _company(self, stage: str, attempt: str) -> int:
+        """This driver's other jobs on their way to `stage` now."""
+        upstream = UPSTREAM[stage]
+        return sum(1 for other, run in self.attempts.items() if other != attempt and run.progress["stage"] in upstream)
+
+    async def _generate(self, job_id: str, attempt: str, spec: dict[str, Any], run: Running) -> dict[str, Any]:
         request = GenerateRequest.model_validate(spec["request"])
         seeds: list[int] = spec["seeds"]
+        progress = run.progress
         timings: dict[str, float] = {}
+        timeline: dict[str, dict[str, float]] = {}
 
-        async def stage(name: str, call: Callable[[], DeploymentResponse]):
-            """One stage call. Canceling the job cancels the call on the stage's replica (Serve cancels a callee
-            only for callers inside an HTTP request). A replica that went away (scaled down, redeployed, died)
-            gets the call again elsewhere, up to `stage_retries` times, without spending one of the job's
-            attempts."""
+        async def stage(name: str, call: Callable[[int], DeploymentResponse], label: str | None = None):
+            """One stage call, `call(company)`, whose answer is `(value, stamps)`: the value is returned, the
+            stage's stamps (arrived, started, finished...) go into the timeline between `sent` and `returned`.
+            Canceling the job cancels the call on the stage's replica (Serve cancels a callee only for callers
+            inside an HTTP request). A replica that went away (scaled down, redeployed, died) gets the call again
+            elsewhere, up to `stage_retries` times, without spending one of the job's attempts."""
+            company = self._company(name, attempt)
             progress.update(stage=name, step=0, total=0)
             start = time.perf_counter()
+            entry = timeline.setdefault(label or name, {})
+            entry["sent"] = time.time()
             try:
                 for retry in range(self.queue.stage_retries + 1):
-                    response = call()
+                    response = call(company)
+                    run.calls["stages"] += 1
                     try:
-                        return await response
+                        value, stamps = await response
+                        entry.update(stamps, returned=time.time())
+                        return value
                     except asyncio.CancelledError:
                         response.cancel()
                         raise
@@ -149,8 +218,8 @@ class JobDriver:
             source = spec.get(field)
             if source:
                 source = {"path": source} if isinstance(source, str) else source  # an older spec: a path
-                latents_in[kind], seconds = await stage("encode_audio", lambda: self.codec.encode.remote(
-                    source, kind, seeds[0], attempt))
+                latents_in[kind], seconds = await stage("encode_audio", lambda company: self.codec.encode.remote(
+                    source, kind, seeds[0], attempt), f"encode_{kind}")
                 if kind == "source":
                     source_seconds = seconds
         duration = request.audio_duration or source_seconds or self.queue.default_duration_s
@@ -163,26 +232,29 @@ class JobDriver:
             src_latents=latents_in.get("source"), reference_latents=latents_in.get("reference"),
             repainting_start=request.repainting_start, repainting_end=request.repainting_end,
             audio_cover_strength=request.audio_cover_strength, tag=attempt)
-        condition = await stage("condition", lambda: self.condition.encode.remote(condition_request))
+        condition = await stage("condition", lambda company: self.condition.encode.remote(condition_request,
+                                                                                           company))
         dit_request = DiTRequest(
             condition=condition, seeds=seeds, num_inference_steps=request.inference_steps, shift=request.shift,
             guidance_scale=request.guidance_scale, cfg_interval_start=request.cfg_interval_start,
             cfg_interval_end=request.cfg_interval_end, audio_cover_strength=request.audio_cover_strength,
             timesteps=request.timesteps, tag=attempt)
-        latents, max_jobs_per_pass = await stage("diffusion", lambda: self.dit.generate.remote(dit_request))
+        latents = await stage("diffusion", lambda company: self.dit.generate.remote(dit_request, company))
         if latents is None:  # the DiT dropped the job mid-batch: it was canceled or ran out of time
             raise StageError("diffusion: stopped before the last step")
         samples = round(duration * self.sample_rate)
         decode_request = DecodeRequest(job_id=job_id, attempt_id=attempt, latents=latents, samples=samples,
                                        audio_format=request.audio_format)
-        keys = await stage("decode", lambda: self.codec.decode.remote(decode_request))
+        keys = await stage("decode", lambda company: self.codec.decode.remote(decode_request, company))
 
         seconds = min(samples, latents.shape[1] * self.hop_length) / self.sample_rate
         metrics().audio_seconds.inc(seconds * len(keys))
         logger.info("job %s: %d x %.1f s of audio; stage seconds %s", attempt, len(keys), seconds,
                     {k: round(v, 3) for k, v in timings.items()})
         result = build_result(request, seeds, keys, seconds, self.model.name, timings)
-        result["batching"] = {"dit_max_jobs_per_pass": max_jobs_per_pass}
+        result["batching"] = {"dit_max_jobs_per_pass": timeline["diffusion"].pop("max_jobs_per_pass", 0)}
+        run.calls["dit_to_registry"] = timeline["diffusion"].pop("reports", 0)
+        result["timeline"] = {"stages": timeline}
         return result
 
 

@@ -1,6 +1,7 @@
 """What every stage shim shares: work-sized batching from `user_config`, a health record of its engine that counts
-engine faults only (one request's bad input fails that request alone), and a load report to the job registry (slots,
-jobs in flight, busy seconds, finished jobs) that also feeds the autoscaler the backlog."""
+engine faults only (one request's bad input fails that request alone), a load report to the job registry (slots,
+jobs in flight, busy seconds, finished jobs, latency) that also feeds the autoscaler the backlog, and the stamps of
+each call (arrived, started, finished) that go into the job's timeline."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from jobs.registry import RegistryClient
 logger = logging.getLogger(__name__)
 
 REPORT_INTERVAL_S = 1.0
+LATENCY_SMOOTHING = 0.3  # weight of the newest call in the latency reported for the ETA
 
 
 class BatchingConfig(BaseModel):
@@ -131,6 +133,12 @@ class ItemFailure:
     error: Exception
 
 
+def stamped(results: list, started: float) -> list:
+    """A batch's results as `(result, started, finished)` (wall clock), failures as they are."""
+    finished = time.time()
+    return [r if isinstance(r, ItemFailure) else (r, started, finished) for r in results]
+
+
 class StageReplica:
     """What the three stage deployments share: load the engine, warm it up, report health, load and readiness.
 
@@ -145,14 +153,23 @@ class StageReplica:
     batched: str
     budget: FrameBudget
 
-    async def start(self, model: Any, registry_name: str, queue: Any, files: Any) -> None:
+    async def start(self, model: Any, registry_name: str, queue: Any, files: Any,
+                    simulate: dict | None = None) -> None:
+        """`simulate` (a cost file, from `acestep-bench --simulate` only): an engine that sleeps the cost model's
+        time instead of computing (`deployments.simulate`)."""
         configure_replica_logging()
         self.guard = EngineGuard(self.stage, model.threads(self.stage))
-        self.engine = await self.guard.run(self.engine_class, model)
+        if simulate is None:
+            self.engine = await self.guard.run(self.engine_class, model)
+        else:
+            from deployments.simulate import simulated_engine
+
+            self.engine = await self.guard.run(simulated_engine(self.stage), model, simulate)
         await self.guard.run(self.engine.warm_up)  # before Serve routes anything here
         self.guard.busy_s = 0.0
         self.jobs_done = 0
         self.calls_in_flight = 0
+        self.latency_s: float | None = None  # what a call takes here now, smoothed (for the registry's ETA)
         self.backlog = 0  # jobs waiting in the registry, as of the last report
         self.replica_id = f"{self.stage}-{uuid.uuid4().hex[:8]}"
         self.registry = RegistryClient(registry_name, queue, files)
@@ -175,8 +192,22 @@ class StageReplica:
         """Jobs inside this replica now (what `/v1/stats` shows as `stages.<stage>.in_flight`)."""
         return self.calls_in_flight
 
-    async def one(self, batched: Callable[[Any], Awaitable[Any]], item: Any) -> Any:
-        """Send one item through the `@serve.batch` method, counted in flight; its own failure is raised here."""
+    def latency(self) -> float | None:
+        return self.latency_s
+
+    def observe_latency(self, seconds: float) -> None:
+        self.latency_s = seconds if self.latency_s is None else \
+            (1 - LATENCY_SMOOTHING) * self.latency_s + LATENCY_SMOOTHING * seconds
+
+    async def one(self, batched: Any, item: Any, company: int = 1) -> tuple[Any, dict[str, float]]:
+        """Send one item through the `@serve.batch` method (which answers `stamped` results), counted in flight;
+        its own failure is raised here. Returns the result and its stamps: arrived, started, finished.
+
+        `company` is how many other jobs the caller has on their way here. With none, and nothing in this replica,
+        the batch does not wait `batch_wait_timeout_s` for batch-mates that are not coming."""
+        arrived = time.time()
+        batched.set_batch_wait_timeout_s(self.budget.config.batch_wait_timeout_s
+                                         if company > 0 or self.calls_in_flight else 0.0)
         self.calls_in_flight += 1
         try:
             result = await batched(item)
@@ -184,14 +215,15 @@ class StageReplica:
             self.calls_in_flight -= 1
         if isinstance(result, ItemFailure):
             raise result.error
-        return result
+        value, started, finished = result
+        return value, {"arrived": arrived, "started": started, "finished": finished}
 
     async def _report_loop(self) -> None:
         while True:
             await asyncio.sleep(REPORT_INTERVAL_S)  # first after Serve's reconfigure() has set the slots
             try:
                 reply = await self.registry.call("report_stage", self.stage, self.replica_id, self.slots(),
-                                                 self.guard.busy_s, self.jobs_done, self.in_flight())
+                                                 self.guard.busy_s, self.jobs_done, self.in_flight(), self.latency())
                 self.backlog = reply["backlog"]
             except Exception:  # the registry restarting: dispatch falls back to max_running_jobs meanwhile
                 logger.warning("%s: load report to the registry failed", self.stage, exc_info=True)

@@ -30,10 +30,12 @@ class Journal:
         self._db.execute("CREATE TABLE IF NOT EXISTS registry_config (name TEXT PRIMARY KEY, config TEXT NOT NULL)")
         self.name = name
 
-    def save(self, job_id: str, record: dict[str, Any]) -> None:
+    def save(self, job_id: str, record: dict[str, Any] | str) -> None:
+        """One job's record: a dict, or its JSON already serialized (the registry serializes on its event loop, so
+        the record cannot change under a writer thread)."""
+        text = record if isinstance(record, str) else json.dumps(record)
         with self._lock:
-            self._db.execute(f"INSERT OR REPLACE INTO {self.table} (job_id, record) VALUES (?, ?)",
-                             (job_id, json.dumps(record)))
+            self._db.execute(f"INSERT OR REPLACE INTO {self.table} (job_id, record) VALUES (?, ?)", (job_id, text))
 
     def delete(self, job_id: str) -> None:
         with self._lock:

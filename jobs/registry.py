@@ -1,23 +1,26 @@
 """`JobRegistry`: the one Ray actor that owns every job's state.
 
 Jobs wait in a FIFO queue and are leased to job drivers only while the pipeline has room for them: the DiT and
-AudioCodec replicas report their job slots (and their measured seconds per job) here every second, and no more jobs
-run than those slots add up to (capped by `max_running_jobs`). So a queued job's `queue_position` is its real place in
-line, and `eta_seconds = queue_position * avg_job_seconds`, where `avg_job_seconds` is the effective seconds per job
-at the current parallelism (see `avg_job_seconds`). A driver keeps its lease alive with heartbeats; a lease that
-lapses (the driver died) puts the job back at the head of the line, or fails it after `max_attempts`, so no job
-waits forever. Status only moves forward: queued -> running -> succeeded | failed | canceled (and queued -> canceled);
-a job that ended is never leased again.
+AudioCodec replicas report their job slots (and their measured seconds per job and latency) here every second, and
+no more jobs run than those slots add up to (capped by `max_running_jobs`). So a queued job's `queue_position` is its
+real place in line, and its `eta_seconds` comes from simulating the line forward: each running job frees its slot
+when its remaining stages are done (each stage's measured latency at its current batch size, the DiT's per remaining
+step), and each job ahead then holds a slot for its own predicted run (see `eta_schedule`). A driver keeps its
+leases alive with heartbeats; a lease that lapses (the driver died) puts the job back at the head of the line, or
+fails it after `max_attempts`, so no job waits forever. Status only moves forward: queued -> running -> succeeded |
+failed | canceled (and queued -> canceled); a job that ended is never leased again.
 
 Each lease is one attempt, named `<job_id>#<n>` (`attempt_id`). Drivers and stages carry that id, and the registry
 answers only the current attempt of a running job: reports, results and heartbeats of an older attempt are refused,
 which tells its driver and stages to stop.
 
-Every state change is journaled (SQLite) before the method returns; a restarted registry reads the journal back,
-and with it the configuration of the latest deploy. Finished jobs, their files and their idempotency keys expire
-after `retention_s`. No call walks the jobs: running and leased jobs have their own index, and what falls due
-(lease ends, deadlines, expiry of finished jobs) comes off time-ordered heaps, so a poll costs the same with 10,000
-retained jobs as with none; deletes in storage run off the actor's event loop.
+Every state change is journaled (SQLite) before the method that made it returns; the writes run on one writer
+thread, in order, so reads (`view`, `stats`) never wait behind a disk write. A restarted registry reads the journal
+back, and with it the configuration of the latest deploy. `view(job_id, wait_s)` long-polls: it answers when the
+job's status, place in line, stage or step changes, or after `wait_s`. Finished jobs, their files and their
+idempotency keys expire after `retention_s`. No call walks the jobs: running and leased jobs have their own index,
+and what falls due (lease ends, deadlines, expiry of finished jobs) comes off time-ordered heaps, so a poll costs the
+same with 10,000 retained jobs as with none; deletes in storage run off the actor's event loop.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import heapq
+import json
 import logging
 import time
 from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +52,9 @@ TERMINAL = ("succeeded", "failed", "canceled")
 SLOT_STAGES = ("dit", "codec")
 STAGE_REPORT_TTL_S = 5.0  # a replica silent this long is gone (scaled down, or dead)
 AVG_HORIZON_S = 120.0  # job-end intervals older than this no longer describe the pipeline
+MAX_WAIT_S = 30.0  # longest long-poll
+ETA_REFRESH_S = 0.5  # the simulated schedule is recomputed after a change, or this often
+DEFAULT_STEPS = 8
 
 
 @dataclass
@@ -57,6 +65,7 @@ class JobRecord:
     upload_dir: str | None = None
     status: str = "queued"
     started_at: float | None = None
+    leased_at: float | None = None  # the current attempt's lease
     finished_at: float | None = None
     result: dict[str, Any] | None = None
     error: str | None = None
@@ -67,6 +76,7 @@ class JobRecord:
     # In memory only: progress is advisory and a lease is re-granted after a restart.
     progress: dict[str, Any] | None = field(default=None, metadata={"volatile": True})
     lease_until: float = field(default=0.0, metadata={"volatile": True})
+    predicted_run_s: float | None = field(default=None, metadata={"volatile": True})  # at lease: calibrates the ETA
 
     def durable(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("volatile")}
@@ -92,6 +102,7 @@ class StageLoad:
     jobs_done: int  # cumulative jobs finished
     in_flight: int = 0  # jobs inside the replica now
     seconds_per_job: float | None = None  # smoothed busy seconds per finished job
+    latency_s: float | None = None  # what one job spends in it now: a call (condition, codec), a step round (DiT)
 
 
 class JobRegistry:
@@ -129,6 +140,12 @@ class JobRegistry:
         self._last_end: tuple[float, bool] | None = None  # (when, whether jobs were waiting then)
         self.stages: dict[str, dict[str, StageLoad]] = {}  # stage -> replica -> its last report
         self._work = asyncio.Event()
+        self._changed = asyncio.Event()  # set (and replaced) on every change a long-poll may be waiting for
+        self._version = 0
+        self._eta: tuple[int, float, dict[str, float]] | None = None  # (version, when, job -> predicted start)
+        self.run_scale = 1.0  # measured / predicted run time of finished jobs (smoothed): what the model misses
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="journal")  # one thread: writes stay in order
+        self._last_write: Future | None = None
         self._recover()
 
     def _open_stores(self) -> None:
@@ -151,7 +168,8 @@ class JobRegistry:
             self.files = files
             self._open_stores()
         if self.journal and self.files:
-            self.journal.save_config({"queue": self.config.model_dump(), "files": self.files.model_dump()})
+            self._write(self.journal.save_config, {"queue": self.config.model_dump(), "files": self.files.model_dump()})
+        await self._durable()
 
     # -- clients -------------------------------------------------------------------------------------------------
     async def submit(self, job_id: str, spec: dict[str, Any], upload_dir: str | None = None,
@@ -183,23 +201,42 @@ class JobRegistry:
         self._save(job)
         metrics().queue_depth.set(len(self.queue))
         self._work.set()
-        return {"accepted": True, "job_id": job_id, "status": "queued", "queue_position": len(self.queue)}
+        answer = {"accepted": True, "job_id": job_id, "status": "queued", "queue_position": len(self.queue)}
+        await self._durable()  # a lease may take the job meanwhile: the answer is what the submit found
+        return answer
 
     def _existing(self, job: JobRecord) -> dict[str, Any]:
         return {"accepted": True, "duplicate": True, "job_id": job.job_id, "status": job.status,
                 "queue_position": self._position(job.job_id)}
 
-    async def view(self, job_id: str) -> dict[str, Any] | None:
+    async def view(self, job_id: str, wait_s: float = 0.0) -> dict[str, Any] | None:
+        """The job as clients see it. With `wait_s` > 0 (at most `MAX_WAIT_S`), a long-poll: answers as soon as its
+        status, place in line, stage or step changes, or when `wait_s` has passed; a finished job at once."""
         self._reap()
         job = self.jobs.get(job_id)
         if job is None:
             return None
-        position = self._position(job_id)
+        view = self._view(job)
+        seen = _change_key(view)
+        deadline = time.monotonic() + min(max(wait_s, 0.0), MAX_WAIT_S)
+        while job.status not in TERMINAL and (remaining := deadline - time.monotonic()) > 0:
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+            self._reap()
+            view = self._view(job)
+            if _change_key(view) != seen:
+                break
+        return view
+
+    def _view(self, job: JobRecord) -> dict[str, Any]:
+        position = self._position(job.job_id)
         avg = self.avg_job_seconds()
         return {
             "job_id": job.job_id, "status": job.status, "created_at": job.created_at, "started_at": job.started_at,
             "finished_at": job.finished_at, "queue_position": position,
-            "eta_seconds": position * avg if position > 0 else None, "avg_job_seconds": avg,
+            "eta_seconds": self._eta_seconds(job, position, avg) if position > 0 else None, "avg_job_seconds": avg,
             "result": job.result, "error": job.error, "attempts": job.attempts,
             "progress": job.progress or ({"stage": "queued", "step": 0, "total": 0} if job.status == "queued"
                                          else {"stage": "done", "step": 0, "total": 0} if job.status in TERMINAL
@@ -217,6 +254,7 @@ class JobRegistry:
         if job.status in ("queued", "running"):
             job.error = "canceled by the client"
             self._end(job, "canceled")
+            await self._durable()
         return job.status
 
     async def stats(self) -> dict[str, Any]:
@@ -257,14 +295,15 @@ class JobRegistry:
         return max(1, min(self.config.max_running_jobs, slots)) if slots else self.config.max_running_jobs
 
     async def report_stage(self, stage: str, replica: str, slots: int, busy_s: float, jobs_done: int,
-                           in_flight: int = 0) -> dict:
-        """A stage replica's heartbeat: its job slots, the jobs inside it now, and its cumulative busy seconds and
-        finished jobs. Answers the backlog (jobs waiting in the registry), which the replica hands to the
-        autoscaler."""
+                           in_flight: int = 0, latency_s: float | None = None) -> dict:
+        """A stage replica's heartbeat: its job slots, the jobs inside it now, its cumulative busy seconds and
+        finished jobs, and the latency one job sees in it now (for the ETA). Answers the backlog (jobs waiting in
+        the registry), which the replica hands to the autoscaler."""
         loads = self.stages.setdefault(stage, {})
         previous = loads.get(replica)
         load = StageLoad(at=time.monotonic(), slots=slots, busy_s=busy_s, jobs_done=jobs_done, in_flight=in_flight,
-                         seconds_per_job=previous.seconds_per_job if previous else None)
+                         seconds_per_job=previous.seconds_per_job if previous else None,
+                         latency_s=latency_s if latency_s is not None else previous.latency_s if previous else None)
         if previous and jobs_done > previous.jobs_done:
             sample = (busy_s - previous.busy_s) / (jobs_done - previous.jobs_done)
             load.seconds_per_job = sample if load.seconds_per_job is None else \
@@ -296,6 +335,71 @@ class JobRegistry:
             return 0
         return self.queue.index(job_id) + 1
 
+    # -- ETA -----------------------------------------------------------------------------------------------------
+    def _eta_seconds(self, job: JobRecord, position: int, avg: float) -> float:
+        """Seconds until the job is leased: from the simulated schedule once the stages have reported latencies,
+        before that `position x avg_job_seconds`."""
+        now = time.time()
+        version, at, starts = self._eta or (-1, 0.0, {})
+        if version != self._version or now - at > ETA_REFRESH_S:
+            starts = self.eta_schedule(now)
+            self._eta = (self._version, now, starts)
+        start = starts.get(job.job_id)
+        return max(0.0, start - now) if start is not None else position * avg
+
+    def eta_schedule(self, now: float) -> dict[str, float]:
+        """Predicted lease time of every waiting job (wall clock), by simulating the line forward: the running jobs
+        free their slots as their remaining stages finish, and each waiting job, in the order they will be leased
+        (retries first), takes the first free slot and holds it for its own predicted run. Empty until the DiT has
+        reported a step latency."""
+        if self._latency("dit") is None:
+            return {}
+        capacity = self.capacity()
+        remaining = []
+        for job_id in self.leased:
+            left = self._run_seconds(self.jobs[job_id], now)
+            if left is None:
+                return {}
+            remaining.append(now + left)
+        remaining.sort()
+        # More running than slots (the capacity shrank): a slot opens only when enough of them have ended.
+        slots = remaining[max(0, len(remaining) - capacity):] + [now] * max(0, capacity - len(remaining))
+        heapq.heapify(slots)
+        starts = {}
+        for job_id in (*self.retry_queue, *self.queue):
+            job = self.jobs[job_id]
+            if job.status not in ("queued", "running") or job_id in starts:
+                continue
+            start = max(now, heapq.heappop(slots))
+            starts[job_id] = start
+            heapq.heappush(slots, start + (self._run_seconds(job, now) or 0.0))
+        return starts
+
+    def _run_seconds(self, job: JobRecord, now: float) -> float | None:
+        """A job's remaining run (its whole run if it has not started): the condition encoder's latency, the DiT's
+        step latency x the steps left, the AudioCodec's latency; scaled by what finished jobs measured against
+        their prediction. None until the DiT has reported a latency."""
+        step_s = self._latency("dit")
+        if step_s is None:
+            return None
+        condition, codec = self._latency("condition") or 0.0, self._latency("codec") or 0.0
+        progress = job.progress or {}
+        stage, total = progress.get("stage"), progress.get("total") or _steps(job)
+        if job.job_id not in self.leased:
+            run = condition + _steps(job) * step_s + codec
+        elif stage == "diffusion":
+            run = (total - progress.get("step", 0)) * step_s + codec
+        elif stage == "decode":
+            run = codec / 2
+        else:  # starting, encode_audio, condition: the whole run, less what it has already spent
+            run = max((condition + _steps(job) * step_s + codec) / 2,
+                      condition + _steps(job) * step_s + codec - (now - (job.leased_at or now)))
+        return run * self.run_scale
+
+    def _latency(self, stage: str) -> float | None:
+        values = [load.latency_s for load in self._live_stages().get(stage, []) if load.latency_s]
+        return sum(values) / len(values) if values else None
+
     # -- drivers -------------------------------------------------------------------------------------------------
     async def lease(self, driver_id: str, max_jobs: int, wait_s: float = 1.0) -> list[dict[str, Any]]:
         """Up to `max_jobs` jobs for this driver (waiting up to `wait_s` for one), within `max_running_jobs`.
@@ -326,7 +430,8 @@ class JobRegistry:
                 job.started_at = now
                 heapq.heappush(self.deadlines, (now + self.config.job_timeout_s, job.job_id))
                 metrics().job_queue_seconds.observe(now - job.created_at)
-            job.driver_id = driver_id
+            job.predicted_run_s = self._run_seconds(job, now)
+            job.driver_id, job.leased_at = driver_id, now
             self.leased.add(job.job_id)
             job.attempts += 1
             self._extend_lease(job)
@@ -336,18 +441,30 @@ class JobRegistry:
                            "attempt_id": job.attempt_id})
             room -= 1
         metrics().queue_depth.set(len(self.queue))
+        if leased:
+            self._notify()  # every queued job moved up
+            await self._durable()
         return leased
 
     async def heartbeat(self, attempt: str, driver_id: str, progress: dict[str, Any] | None = None) -> bool:
         """Extend the lease of an attempt. False tells the driver to stop: the attempt is no longer its to run."""
+        return not await self.heartbeats(driver_id, {attempt: progress})
+
+    async def heartbeats(self, driver_id: str, attempts: dict[str, dict[str, Any] | None]) -> list[str]:
+        """One driver's heartbeat for all its attempts, `{attempt_id: progress or None}` (None: keep the progress
+        the DiT reports): extends their leases. Answers the attempts that are no longer the driver's to run."""
         self._reap()
-        job = self._owned(attempt, driver_id)
-        if job is None:
-            return False
-        self._extend_lease(job)
-        if progress is not None:
-            job.progress = progress
-        return True
+        lost = []
+        for attempt, progress in attempts.items():
+            job = self._owned(attempt, driver_id)
+            if job is None:
+                lost.append(attempt)
+                continue
+            self._extend_lease(job)
+            if progress is not None and progress != job.progress:
+                job.progress = progress
+                self._notify()
+        return lost
 
     async def report_steps(self, steps: dict[str, tuple[int, int]]) -> list[str]:
         """Diffusion progress from the DiT stage, `{attempt_id: (step, total)}`; answers which of these attempts
@@ -360,14 +477,24 @@ class JobRegistry:
                 stopped.append(attempt)
             else:
                 job.progress = {"stage": "diffusion", "step": step, "total": total}
+        if len(stopped) < len(steps):
+            self._notify()
         return stopped
 
     async def finish(self, attempt: str, driver_id: str, result: dict[str, Any]) -> bool:
+        """The attempt's result; its `timeline` gets the registry's times (submitted, leased, finished)."""
         job = self._owned(attempt, driver_id)
         if job is None:
             return False
-        job.result = result
-        self._end(job, "succeeded")
+        now = time.time()
+        timeline = result.get("timeline") or {}
+        job.result = {**result, "timeline": {"submitted": job.created_at, "leased": job.leased_at, **timeline,
+                                             "finished": now}}
+        if job.predicted_run_s and job.leased_at:  # how far the ETA's model was off, for the next predictions
+            ratio = (now - job.leased_at) / job.predicted_run_s
+            self.run_scale = min(4.0, max(0.25, 0.8 * self.run_scale + 0.2 * ratio * self.run_scale))
+        self._end(job, "succeeded", now)
+        await self._durable()
         return True
 
     async def fail(self, attempt: str, driver_id: str, error: str, retry: bool = False) -> bool:
@@ -380,6 +507,7 @@ class JobRegistry:
         else:
             job.error = error
             self._end(job, "failed")
+        await self._durable()
         return True
 
     # -- internals -----------------------------------------------------------------------------------------------
@@ -404,6 +532,7 @@ class JobRegistry:
         self.counts[job.status] -= 1
         self.counts[status] += 1
         job.status = status
+        self._notify()
         if status == "running":
             self.running.add(job.job_id)
         else:
@@ -418,6 +547,7 @@ class JobRegistry:
         job.progress = {"stage": "retry_wait", "step": 0, "total": 0}
         self.retry_queue.append(job.job_id)
         self._save(job)
+        self._notify()
         self._work.set()
 
     def _reap(self) -> None:
@@ -458,7 +588,7 @@ class JobRegistry:
             if job.idempotency:
                 self.idempotency.pop(job.idempotency[0], None)
             if self.journal:
-                self.journal.delete(job.job_id)
+                self._write(self.journal.delete, job.job_id)
             expired.append(job_id)
         if expired and self.store:
             self._off_loop(self._delete_results, expired)
@@ -477,10 +607,10 @@ class JobRegistry:
         self._deletes.add(task)
         task.add_done_callback(self._deletes.discard)
 
-    def _end(self, job: JobRecord, status: str) -> None:
+    def _end(self, job: JobRecord, status: str, at: float | None = None) -> None:
         was_queued = job.status == "queued"
         self._set_status(job, status)
-        job.finished_at, job.driver_id = time.time(), None
+        job.finished_at, job.driver_id = at or time.time(), None
         job.progress = {"stage": "done", "step": 0, "total": 0}
         if was_queued:
             self.queue.remove(job.job_id)
@@ -503,8 +633,26 @@ class JobRegistry:
                     job.finished_at - job.created_at, job.attempts, f": {job.error}" if job.error else "")
 
     def _save(self, job: JobRecord) -> None:
-        if self.journal:
-            self.journal.save(job.job_id, job.durable())
+        if self.journal:  # serialized here: the record may change again before the writer thread gets to it
+            self._write(self.journal.save, job.job_id, json.dumps(job.durable()))
+
+    def _write(self, fn, *args) -> None:
+        """A journal write, on the writer thread (in order); `_durable` waits for it."""
+        self._last_write = self._writer.submit(fn, *args)
+
+    async def _durable(self) -> None:
+        """Wait until every journal write made so far is on disk (the one writer thread keeps them in order), so a
+        change is journaled before the method that made it answers. Reads never wait here."""
+        if self._last_write is not None and not self._last_write.done():
+            await asyncio.wrap_future(self._last_write)
+        elif self._last_write is not None:
+            self._last_write.result()  # raise a failed write
+
+    def _notify(self) -> None:
+        """Wake the long-polls (each checks whether its own job changed) and invalidate the ETA schedule."""
+        self._version += 1
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     def _recover(self) -> None:
         """Rebuild the state from the journal: queues in submit order; running jobs get a fresh lease, so a driver
@@ -539,11 +687,22 @@ class JobRegistry:
                         len(self.queue), len(self.running))
 
 
+def _change_key(view: dict[str, Any]) -> tuple:
+    """What a long-poll waits to change: status, place in line, stage and step, attempt."""
+    progress = view["progress"] or {}
+    return (view["status"], view["queue_position"], progress.get("stage"), progress.get("step"), view["attempts"])
+
+
+def _steps(job: JobRecord) -> int:
+    return int(((job.spec or {}).get("request") or {}).get("inference_steps") or DEFAULT_STEPS)
+
+
 def registry_actor(name: str, queue: QueueConfig, files: FilesConfig) -> "ray.actor.ActorHandle":
     """Get or create the app's named registry actor (detached: it outlives any one replica, and restarts)."""
     actor_cls = ray.remote(JobRegistry)
+    # max_concurrency bounds the calls in progress at once, long-polls (`view(wait_s=...)`) included.
     return actor_cls.options(name=f"registry-{name}", namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
-                             num_cpus=0, max_restarts=-1, max_concurrency=1000).remote(queue, files, name)
+                             num_cpus=0, max_restarts=-1, max_concurrency=10000).remote(queue, files, name)
 
 
 class RegistryClient:

@@ -56,7 +56,10 @@ class _Entry:
     arrived: float = field(default_factory=time.monotonic)
     state: Any = None  # the engine's sampling state, once admitted
     canceled: bool = False
-    record: dict[str, Any] = field(default_factory=dict)  # max_jobs_per_pass: the most jobs it shared a pass with
+    # max_jobs_per_pass (the most jobs it shared a pass with), reports (progress reports that carried it), and the
+    # wall-clock times it arrived, was admitted (started) and left (finished)
+    record: dict[str, Any] = field(default_factory=dict)
+    company: int = 1  # jobs the caller has on their way here; 0: none worth waiting for
 
 
 # {job tag: (step, total)} -> tags to stop now (canceled or timed out jobs)
@@ -80,6 +83,7 @@ class StepScheduler:
         self.on_progress, self.on_batch = on_progress, on_batch
         self.pending: deque[_Entry] = deque()
         self.active: list[_Entry] = []
+        self.round_s: float | None = None  # seconds per step round (every forward pass of one step), smoothed
         self._wake = asyncio.Event()
         self._report: asyncio.Task | None = None
         self._task = asyncio.get_running_loop().create_task(self._loop())
@@ -93,12 +97,15 @@ class StepScheduler:
         if self._task.done():
             raise RuntimeError(f"DiT scheduler stopped: {self._task.exception()!r}")
 
-    async def submit(self, request: Any, record: dict[str, Any] | None = None) -> np.ndarray | None:
+    async def submit(self, request: Any, record: dict[str, Any] | None = None, company: int = 1
+                     ) -> np.ndarray | None:
         """The job's latents, or None when it was stopped before its last step. `record` (if given) receives
-        `max_jobs_per_pass`: the most jobs this one shared a forward pass with, itself included."""
+        `max_jobs_per_pass` (the most jobs this one shared a forward pass with, itself included), `reports` (the
+        progress reports that carried it) and `arrived`, `started`, `finished` (wall clock). `company`: the jobs
+        the caller has on their way here; with none, an idle stage starts this one without waiting for others."""
         entry = _Entry(request, asyncio.get_running_loop().create_future(), record=record if record is not None
-                       else {})
-        entry.record["max_jobs_per_pass"] = 0
+                       else {}, company=company)
+        entry.record.update(max_jobs_per_pass=0, reports=0, arrived=time.time())
         self.pending.append(entry)
         self._wake.set()
         try:
@@ -114,17 +121,21 @@ class StepScheduler:
                 while not self.pending:
                     self._wake.clear()
                     await self._wake.wait()
-                await self._wait_for_company()
+                if self.pending[0].company > 0:
+                    await self._wait_for_company()
             await self._admit()
             groups: dict[tuple, list[_Entry]] = {}
             for entry in self.active:
                 groups.setdefault(entry.state.key, []).append(entry)
+            start = time.perf_counter()
             for group in groups.values():
                 for forward in self._by_length(group):
                     # A stop that arrived during an earlier pass of this round applies to this one already.
                     forward = [e for e in forward if not e.canceled]
                     if forward:
                         await self._step(forward)
+            seconds = time.perf_counter() - start
+            self.round_s = seconds if self.round_s is None else 0.7 * self.round_s + 0.3 * seconds
             self._progress({e.request.tag: (e.state.step, e.state.total) for e in self.active if not e.canceled})
             self._retire()
 
@@ -158,6 +169,7 @@ class StepScheduler:
                 return  # first come, first served: nobody overtakes the head of the line
             self.pending.popleft()
             self.active.append(entry)
+            entry.record["started"] = time.time()
 
     def _fits(self, state: Any) -> bool:
         group = [e.state for e in self.active if e.state.key == state.key]
@@ -217,6 +229,9 @@ class StepScheduler:
             return  # the last report is still on its way; progress is advisory
         self._report = asyncio.get_running_loop().create_task(self.on_progress(steps))
         self._report.add_done_callback(self._apply_stops)
+        for entry in self.active:
+            if entry.request.tag in steps:
+                entry.record["reports"] += 1
 
     def _apply_stops(self, report: asyncio.Task) -> None:
         if report.cancelled() or report.exception() is not None:
@@ -231,6 +246,8 @@ class StepScheduler:
         for entry in self.active:
             if entry.future.done():
                 continue
+            if entry.canceled or entry.state.done:
+                entry.record["finished"] = time.time()
             if entry.canceled:
                 entry.future.set_result(None)
             elif entry.state.done:

@@ -148,7 +148,7 @@ def test_journal_restores_every_job(tmp_path):
 
     async def second_life():
         reg = JobRegistry(QueueConfig(), files(tmp_path), "a")
-        assert (await reg.view("done"))["result"] == {"audio_paths": ["x"]}
+        assert (await reg.view("done"))["result"]["audio_paths"] == ["x"]
         assert [(await reg.view(j))["queue_position"] for j in ("queued1", "queued2", "other-app-job")] == [1, 2, 3]
         running = await reg.view("running")
         assert running["status"] == "running"
@@ -223,6 +223,7 @@ def test_retention_deletes_job_files_and_key(tmp_path):
         assert await reg.view(job_id) is None
         await asyncio.wait_for(asyncio.gather(*reg._deletes), 5)  # deleted off the event loop
         assert reg.store.get(f"{job_id}/0.mp3") is None and "k" not in reg.idempotency
+        await reg._durable()  # the journal's delete runs on its writer thread
         assert JobRegistry(QueueConfig(), cfg).jobs == {}  # gone from the journal too
     run(scenario())
 
@@ -256,7 +257,7 @@ def test_reports_of_an_older_attempt_are_refused():
         assert not await reg.heartbeat("j#1", "d") and await reg.heartbeat("j#2", "d")
         assert not await reg.finish("j#1", "d", {"stale": True})
         assert await reg.finish("j#2", "d", {"fresh": True})
-        assert (await reg.view("j"))["result"] == {"fresh": True}
+        assert (await reg.view("j"))["result"]["fresh"] is True
     run(scenario())
 
 
@@ -295,4 +296,102 @@ def test_stats_show_the_jobs_inside_each_stage():
         await reg.report_stage("codec", "c1", 4, 0.0, 0)
         stages = (await reg.stats())["stages"]
         assert (stages["dit"]["in_flight"], stages["codec"]["in_flight"]) == (3, 0)
+    run(scenario())
+
+
+def test_a_long_poll_answers_on_a_change_or_after_its_wait():
+    async def scenario():
+        reg = JobRegistry(QueueConfig(max_running_jobs=1))
+        await reg.submit("a", {})
+        await reg.submit("b", {})
+        start = asyncio.get_running_loop().time()
+        assert (await reg.view("b", wait_s=0.2))["queue_position"] == 2  # nothing changed: after the wait
+        assert asyncio.get_running_loop().time() - start >= 0.2
+        poll = asyncio.create_task(reg.view("b", wait_s=10))
+        await asyncio.sleep(0.05)
+        assert not poll.done()
+        await reg.lease("d", 1, wait_s=0)  # "a" leaves the line: "b" moves up
+        assert (await asyncio.wait_for(poll, 1))["queue_position"] == 1
+        poll = asyncio.create_task(reg.view("a", wait_s=10))
+        await asyncio.sleep(0.05)
+        await reg.report_steps({"a#1": (1, 8)})
+        assert (await asyncio.wait_for(poll, 1))["progress"] == {"stage": "diffusion", "step": 1, "total": 8}
+        await reg.finish("a#1", "d", {})
+        start = asyncio.get_running_loop().time()
+        assert (await reg.view("a", wait_s=10))["status"] == "succeeded"  # finished: at once
+        assert asyncio.get_running_loop().time() - start < 1
+    run(scenario())
+
+
+def test_one_heartbeat_call_carries_all_of_a_drivers_jobs():
+    async def scenario():
+        reg = JobRegistry(QueueConfig(lease_seconds=0.3))
+        for job in ("a", "b", "c"):
+            await reg.submit(job, {})
+        await reg.lease("d", 3, wait_s=0)
+        await reg.cancel("b")
+        for _ in range(4):  # past two lease periods, kept alive by the batched beat alone
+            assert await reg.heartbeats("d", {"a#1": {"stage": "condition", "step": 0, "total": 0}, "b#1": None,
+                                              "c#1": None}) == ["b#1"]
+            await asyncio.sleep(0.15)
+        assert (await reg.view("a"))["progress"]["stage"] == "condition"
+        assert (await reg.view("c"))["status"] == "running"
+        assert await reg.heartbeats("other-driver", {"a#1": None}) == ["a#1"]
+    run(scenario())
+
+
+def test_the_result_carries_the_registrys_times_in_its_timeline():
+    async def scenario():
+        reg = JobRegistry(QueueConfig())
+        await reg.submit("j", {})
+        await reg.lease("d", 1, wait_s=0)
+        await reg.finish("j#1", "d", {"timeline": {"stages": {"diffusion": {"started": 1.0}}}})
+        view = await reg.view("j")
+        timeline = view["result"]["timeline"]
+        assert timeline["submitted"] == view["created_at"] and timeline["finished"] == view["finished_at"]
+        assert timeline["submitted"] <= timeline["leased"] <= timeline["finished"]
+        assert timeline["stages"] == {"diffusion": {"started": 1.0}}
+    run(scenario())
+
+
+def test_the_eta_simulates_the_line_through_the_stages_latencies():
+    """Two slots; each job runs condition 0.1 s + 4 steps x 0.5 s + decode 0.4 s = 2.5 s. The two running jobs free
+    their slots at 2.5 s: the next two start then, the fifth when the first of those ends (5 s)."""
+    async def scenario():
+        reg = JobRegistry(QueueConfig(max_running_jobs=8, initial_avg_job_seconds=100.0))
+        spec = {"request": {"inference_steps": 4}}
+        for i in range(5):
+            await reg.submit(f"j{i}", spec)
+        await reg.report_stage("condition", "c", 8, 0.0, 0, latency_s=0.1)
+        await reg.report_stage("dit", "d", 1, 0.0, 0, latency_s=0.5)
+        await reg.report_stage("codec", "k", 1, 0.0, 0, latency_s=0.4)
+        assert len(await reg.lease("driver", 8, wait_s=0)) == 2
+        etas = [(await reg.view(f"j{i}"))["eta_seconds"] for i in (2, 3, 4)]
+        assert etas == [pytest.approx(2.5, abs=0.05), pytest.approx(2.5, abs=0.05), pytest.approx(5.0, abs=0.05)]
+        await reg.report_steps({"j0#1": (3, 4)})  # one step and the decode left: 0.9 s
+        assert (await reg.view("j2"))["eta_seconds"] == pytest.approx(0.9, abs=0.05)
+    run(scenario())
+
+
+def test_reads_do_not_wait_behind_journal_writes(tmp_path, monkeypatch):
+    """A slow disk delays the writer (the submit answers once its record is on disk), never a status read."""
+    async def scenario():
+        reg = JobRegistry(QueueConfig(), files(tmp_path))
+        await reg.submit("a", {})
+        save = reg.journal.save
+
+        def slow_save(*args):
+            import time
+            time.sleep(0.5)
+            save(*args)
+
+        monkeypatch.setattr(reg.journal, "save", slow_save)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        submit = asyncio.create_task(reg.submit("b", {}))
+        await asyncio.sleep(0.01)
+        assert (await reg.view("a"))["status"] == "queued"
+        assert loop.time() - start < 0.3
+        assert not submit.done()
+        assert (await submit)["accepted"] and loop.time() - start >= 0.5
     run(scenario())

@@ -130,3 +130,21 @@ def test_a_registry_stop_reaches_a_job_in_a_round_of_several_batch_keys(dit, req
     assert stopped is None and finished is not None
     assert stepped["job1"] == 6
     assert stepped["job0"] <= stop_from["step"] + 2, stepped  # the step in flight, at most one more
+
+
+def test_an_idle_stage_waits_for_company_only_when_some_is_coming(dit, requests_):
+    """`batch_wait_timeout_s` of 2 s: a job whose caller has nobody else on the way starts at once and gets a record
+    of its times; one whose caller says others follow waits for them (and batches with the one that comes)."""
+    async def main():
+        scheduler = StepScheduler(dit, StepSchedulingConfig(batch_wait_timeout_s=2.0, max_padding=100.0))
+        record: dict = {}
+        await scheduler.submit(requests_[0], record, company=0)
+        assert record["started"] - record["arrived"] < 1.0, record
+        assert record["arrived"] <= record["started"] <= record["finished"] and record["reports"] == 0
+        records = [{}, {}]
+        first = asyncio.create_task(scheduler.submit(requests_[1], records[0], company=1))
+        await asyncio.sleep(0.5)
+        await asyncio.gather(first, scheduler.submit(requests_[2], records[1], company=0))
+        assert records[0]["started"] - records[0]["arrived"] >= 0.5  # it waited for the second
+        assert [r["max_jobs_per_pass"] for r in records] == [2, 2]
+    asyncio.run(main())
