@@ -35,7 +35,6 @@ import os
 import re
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
+
+from deployments.bench import _free_port, _quantile
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = "cpbench"
@@ -266,16 +267,6 @@ def measure(host: str, port: int, requests: list[bytes], connections: int, warmu
     # what neither the server's processes nor the client account for: other work on a shared machine
     result["unaccounted_busy_cores"] = busy / wall - sum(spent.values()) / wall - result["client_cpu_cores"]
     return result
-
-
-def _quantile(sorted_values: list[float], q: float) -> float:
-    return sorted_values[min(len(sorted_values) - 1, round(q * (len(sorted_values) - 1)))]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_http(url: str, timeout: float = 60.0) -> None:
