@@ -293,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     del baseline
 
     port = _free_port()
+    # Ray renices its workers to 15; the baseline above ran at 0. At 15 the replicas (a 2-thread torch team on 2 cores
+    # above all) lose the CPUs to any nice-0 process, this one's HTTP clients included: next to one busy loop a DiT
+    # forward took 5.1 s at 15 against 0.36 s at 0 (benchmarks/worker_forward.py --busy 1). Same priority, fair test.
+    os.environ.setdefault("RAY_worker_niceness", "0")  # inherited by the raylet this starts, so by every worker
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
