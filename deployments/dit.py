@@ -33,14 +33,19 @@ class DiT(StageReplica):
         self.scheduler.config = StepSchedulingConfig.model_validate(self.take_fault(user_config))
 
     def slots(self) -> int:
-        return self.scheduler.config.max_batch_size
+        return self.scheduler.config.round_jobs
 
     def in_flight(self) -> int:
         return self.scheduler.jobs
 
-    def latency(self) -> float | None:
-        """Seconds per step round: what each remaining step of a job costs now."""
-        return self.scheduler.round_s
+    def model(self) -> dict | None:
+        """`jobs.eta.DiTModel`'s fields: the measured pass cost, the round rules, the latent rate, and whether
+        guidance doubles a job's rows. None before the first forward pass."""
+        cost = self.scheduler.costs.model()
+        if cost is None:
+            return None
+        return {"fixed_s": cost[0], "per_frame_s": cost[1], "config": self.scheduler.config.model_dump(),
+                "frames_per_s": self.engine.latents_per_second, "cfg": not self.engine.is_turbo}
 
     async def generate(self, request: DiTRequest, company: int = 1) -> tuple[np.ndarray | None, dict]:
         """The job's latents `(outputs, frames, channels)`, or None if it was stopped (canceled, timed out,

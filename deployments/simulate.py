@@ -571,6 +571,15 @@ def _limits(options: dict[str, dict], replicas: dict[str, int]) -> dict[str, dic
     return out
 
 
+def _slots(stage: str, user_config: dict[str, Any]) -> int:
+    """The job slots a replica of `stage` reports with this `user_config`: the DiT's are its step round's jobs."""
+    from jobs.step_scheduler import StepSchedulingConfig
+
+    if stage == "dit":
+        return StepSchedulingConfig.model_validate(user_config).round_jobs
+    return user_config["max_batch_size"]
+
+
 def _options(work: dict[str, Any], batch: int, replicas: dict[str, int]) -> dict[str, dict]:
     from deployments.bench import _stage_options
 
@@ -578,7 +587,7 @@ def _options(work: dict[str, Any], batch: int, replicas: dict[str, int]) -> dict
     for deployment, count in replicas.items():
         options[deployment]["num_replicas"] = count
         options[deployment]["max_ongoing_requests"] = max(options[deployment].get("max_ongoing_requests", 32),
-                                                          2 * batch)
+                                                          4 * batch)
     return options
 
 
@@ -642,7 +651,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None)
         except (TypeError, ValueError):
             app = build_graph(app_args(name, running), options, simulate=sim_costs)
         serve.run(app, name=name, route_prefix=f"/{name}", blocking=False)
-        expect = {stage: (options[d]["user_config"]["max_batch_size"], options[d].get("num_replicas"))
+        expect = {stage: (_slots(stage, options[d]["user_config"]), options[d].get("num_replicas"))
                   for stage, d in REPLICA_KEYS.items()}
         deadline = time.time() + timeout
         while time.time() < deadline:

@@ -195,6 +195,10 @@ class StageReplica:
     def latency(self) -> float | None:
         return self.latency_s
 
+    def model(self) -> dict | None:
+        """What the registry's ETA needs to know about how this stage runs jobs beyond its latency (the DiT's)."""
+        return None
+
     def observe_latency(self, seconds: float) -> None:
         self.latency_s = seconds if self.latency_s is None else \
             (1 - LATENCY_SMOOTHING) * self.latency_s + LATENCY_SMOOTHING * seconds
@@ -223,7 +227,8 @@ class StageReplica:
             await asyncio.sleep(REPORT_INTERVAL_S)  # first after Serve's reconfigure() has set the slots
             try:
                 reply = await self.registry.call("report_stage", self.stage, self.replica_id, self.slots(),
-                                                 self.guard.busy_s, self.jobs_done, self.in_flight(), self.latency())
+                                                 self.guard.busy_s, self.jobs_done, self.in_flight(), self.latency(),
+                                                 self.model())
                 self.backlog = reply["backlog"]
             except Exception:  # the registry restarting: dispatch falls back to max_running_jobs meanwhile
                 logger.warning("%s: load report to the registry failed", self.stage, exc_info=True)

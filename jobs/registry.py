@@ -3,9 +3,9 @@
 Jobs wait in a FIFO queue and are leased to job drivers only while the pipeline has room for them: the DiT and
 AudioCodec replicas report their job slots (and their measured seconds per job and latency) here every second, and
 no more jobs run than those slots add up to (capped by `max_running_jobs`). So a queued job's `queue_position` is its
-real place in line, and its `eta_seconds` comes from simulating the line forward: each running job frees its slot
-when its remaining stages are done (each stage's measured latency at its current batch size, the DiT's per remaining
-step), and each job ahead then holds a slot for its own predicted run (see `eta_schedule`). A driver keeps its
+real place in line, and its `eta_seconds` comes from simulating the pipeline forward (`jobs.eta`): the running jobs
+go through the DiT's step rounds as its scheduler forms them, at the pass cost it measured, and through the other
+stages at their measured latencies; each freed slot goes to the next in line (see `eta_schedule`). A driver keeps its
 leases alive with heartbeats; a lease that lapses (the driver died) puts the job back at the head of the line, or
 fails it after `max_attempts`, so no job waits forever. Status only moves forward: queued -> running -> succeeded |
 failed | canceled (and queued -> canceled); a job that ended is never leased again.
@@ -30,6 +30,7 @@ import dataclasses
 import heapq
 import json
 import logging
+import math
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,8 +41,10 @@ import ray
 
 from deployments.logs import configure_replica_logging
 from jobs.config import FilesConfig, QueueConfig
+from jobs.eta import DiTModel, SimJob, lease_times
 from jobs.journal import Journal
 from jobs.metrics import metrics
+from jobs.step_scheduler import StepSchedulingConfig
 from jobs.storage import ResultStore, UploadStore
 
 logger = logging.getLogger(__name__)
@@ -53,7 +56,9 @@ SLOT_STAGES = ("dit", "codec")
 STAGE_REPORT_TTL_S = 5.0  # a replica silent this long is gone (scaled down, or dead)
 AVG_HORIZON_S = 120.0  # job-end intervals older than this no longer describe the pipeline
 MAX_WAIT_S = 30.0  # longest long-poll
-ETA_REFRESH_S = 0.5  # the simulated schedule is recomputed after a change, or this often
+ETA_REFRESH_S = 0.5  # the simulated schedule is recomputed this often, and after a change, but then ...
+ETA_DUTY = 0.1  # ... not before 10x its last computation's time has passed: at most 10 % of the registry's time
+ETA_SIMULATED_JOBS = 500  # waiting jobs simulated one by one (~10 ms); those behind follow at the simulated rate
 DEFAULT_STEPS = 8
 
 
@@ -76,7 +81,6 @@ class JobRecord:
     # In memory only: progress is advisory and a lease is re-granted after a restart.
     progress: dict[str, Any] | None = field(default=None, metadata={"volatile": True})
     lease_until: float = field(default=0.0, metadata={"volatile": True})
-    predicted_run_s: float | None = field(default=None, metadata={"volatile": True})  # at lease: calibrates the ETA
 
     def durable(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("volatile")}
@@ -103,6 +107,7 @@ class StageLoad:
     in_flight: int = 0  # jobs inside the replica now
     seconds_per_job: float | None = None  # smoothed busy seconds per finished job
     latency_s: float | None = None  # what one job spends in it now: a call (condition, codec), a step round (DiT)
+    model: dict[str, Any] | None = None  # the DiT's pass cost and round rules (`jobs.eta.DiTModel`'s fields)
 
 
 class JobRegistry:
@@ -142,8 +147,7 @@ class JobRegistry:
         self._work = asyncio.Event()
         self._changed = asyncio.Event()  # set (and replaced) on every change a long-poll may be waiting for
         self._version = 0
-        self._eta: tuple[int, float, dict[str, float]] | None = None  # (version, when, job -> predicted start)
-        self.run_scale = 1.0  # measured / predicted run time of finished jobs (smoothed): what the model misses
+        self._eta: tuple[int, float, float, dict[str, float]] | None = None  # version, when, cost, job -> start
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="journal")  # one thread: writes stay in order
         self._last_write: Future | None = None
         self._recover()
@@ -230,6 +234,11 @@ class JobRegistry:
                 break
         return view
 
+    async def views(self, job_ids: list[str]) -> list[dict[str, Any] | None]:
+        """`view` of several jobs in one call, without waiting (upstream's `/query_result`); None for an unknown id."""
+        self._reap()
+        return [self._view(self.jobs[job_id]) if job_id in self.jobs else None for job_id in job_ids]
+
     def _view(self, job: JobRecord) -> dict[str, Any]:
         position = self._position(job.job_id)
         avg = self.avg_job_seconds()
@@ -295,15 +304,16 @@ class JobRegistry:
         return max(1, min(self.config.max_running_jobs, slots)) if slots else self.config.max_running_jobs
 
     async def report_stage(self, stage: str, replica: str, slots: int, busy_s: float, jobs_done: int,
-                           in_flight: int = 0, latency_s: float | None = None) -> dict:
+                           in_flight: int = 0, latency_s: float | None = None, model: dict | None = None) -> dict:
         """A stage replica's heartbeat: its job slots, the jobs inside it now, its cumulative busy seconds and
-        finished jobs, and the latency one job sees in it now (for the ETA). Answers the backlog (jobs waiting in
-        the registry), which the replica hands to the autoscaler."""
+        finished jobs, the latency one job sees in it now and (the DiT) its pass cost and round rules, for the ETA.
+        Answers the backlog (jobs waiting in the registry), which the replica hands to the autoscaler."""
         loads = self.stages.setdefault(stage, {})
         previous = loads.get(replica)
         load = StageLoad(at=time.monotonic(), slots=slots, busy_s=busy_s, jobs_done=jobs_done, in_flight=in_flight,
                          seconds_per_job=previous.seconds_per_job if previous else None,
-                         latency_s=latency_s if latency_s is not None else previous.latency_s if previous else None)
+                         latency_s=latency_s if latency_s is not None else previous.latency_s if previous else None,
+                         model=model if model is not None else previous.model if previous else None)
         if previous and jobs_done > previous.jobs_done:
             sample = (busy_s - previous.busy_s) / (jobs_done - previous.jobs_done)
             load.seconds_per_job = sample if load.seconds_per_job is None else \
@@ -340,61 +350,51 @@ class JobRegistry:
         """Seconds until the job is leased: from the simulated schedule once the stages have reported latencies,
         before that `position x avg_job_seconds`."""
         now = time.time()
-        version, at, starts = self._eta or (-1, 0.0, {})
-        if version != self._version or now - at > ETA_REFRESH_S:
+        version, at, cost, starts = self._eta or (-1, 0.0, 0.0, {})
+        if now - at > ETA_REFRESH_S or (version != self._version and now - at > cost / ETA_DUTY):
+            began = time.perf_counter()
             starts = self.eta_schedule(now)
-            self._eta = (self._version, now, starts)
+            self._eta = (self._version, now, time.perf_counter() - began, starts)
         start = starts.get(job.job_id)
         return max(0.0, start - now) if start is not None else position * avg
 
     def eta_schedule(self, now: float) -> dict[str, float]:
-        """Predicted lease time of every waiting job (wall clock), by simulating the line forward: the running jobs
-        free their slots as their remaining stages finish, and each waiting job, in the order they will be leased
-        (retries first), takes the first free slot and holds it for its own predicted run. Empty until the DiT has
-        reported a step latency."""
-        if self._latency("dit") is None:
+        """Predicted lease time of every waiting job (wall clock), in the order they will be leased (retries first):
+        the pipeline simulated forward from the running jobs' stages and steps (`jobs.eta.lease_times`). Empty until
+        the DiT has reported its pass cost."""
+        models = [load.model for load in self._live_stages().get("dit", []) if load.model]
+        if not models:
             return {}
-        capacity = self.capacity()
-        remaining = []
+        dit = DiTModel(fixed_s=sum(m["fixed_s"] for m in models) / len(models),
+                       per_frame_s=sum(m["per_frame_s"] for m in models) / len(models),
+                       config=StepSchedulingConfig.model_validate(models[0]["config"]),
+                       frames_per_s=models[0]["frames_per_s"], cfg=models[0]["cfg"])
+        condition_s, codec_s = self._latency("condition") or 0.0, self._latency("codec") or 0.0
+        running = []
         for job_id in self.leased:
-            left = self._run_seconds(self.jobs[job_id], now)
-            if left is None:
-                return {}
-            remaining.append(now + left)
-        remaining.sort()
-        # More running than slots (the capacity shrank): a slot opens only when enough of them have ended.
-        slots = remaining[max(0, len(remaining) - capacity):] + [now] * max(0, capacity - len(remaining))
-        heapq.heapify(slots)
-        starts = {}
-        for job_id in (*self.retry_queue, *self.queue):
             job = self.jobs[job_id]
-            if job.status not in ("queued", "running") or job_id in starts:
-                continue
-            start = max(now, heapq.heappop(slots))
-            starts[job_id] = start
-            heapq.heappush(slots, start + (self._run_seconds(job, now) or 0.0))
+            progress = job.progress or {}
+            sim = _sim_job(job, dit, self.config.default_duration_s)
+            if progress.get("stage") == "diffusion":
+                sim.steps_left = max(1, (progress.get("total") or sim.steps_left) - progress.get("step", 0))
+                running.append(("dit", 0.0, sim))
+            elif progress.get("stage") == "decode":
+                running.append(("after_dit", codec_s / 2, sim))
+            else:  # starting, encode_audio, condition
+                running.append(("before_dit", max(0.0, condition_s - (now - (job.leased_at or now))), sim))
+        waiting, seen = [], set()
+        for job_id in (*self.retry_queue, *self.queue):
+            if self.jobs[job_id].status in ("queued", "running") and job_id not in seen:
+                seen.add(job_id)
+                waiting.append(_sim_job(self.jobs[job_id], dit, self.config.default_duration_s))
+        starts = lease_times(now, self.capacity(), dit, len(models), condition_s, codec_s, running,
+                             waiting[:ETA_SIMULATED_JOBS])
+        times = sorted(starts.values())
+        if len(waiting) > len(times) > 1:
+            interval = (times[-1] - times[0]) / (len(times) - 1)
+            for k, job in enumerate(waiting[len(times):], 1):
+                starts[job.job_id] = times[-1] + k * interval
         return starts
-
-    def _run_seconds(self, job: JobRecord, now: float) -> float | None:
-        """A job's remaining run (its whole run if it has not started): the condition encoder's latency, the DiT's
-        step latency x the steps left, the AudioCodec's latency; scaled by what finished jobs measured against
-        their prediction. None until the DiT has reported a latency."""
-        step_s = self._latency("dit")
-        if step_s is None:
-            return None
-        condition, codec = self._latency("condition") or 0.0, self._latency("codec") or 0.0
-        progress = job.progress or {}
-        stage, total = progress.get("stage"), progress.get("total") or _steps(job)
-        if job.job_id not in self.leased:
-            run = condition + _steps(job) * step_s + codec
-        elif stage == "diffusion":
-            run = (total - progress.get("step", 0)) * step_s + codec
-        elif stage == "decode":
-            run = codec / 2
-        else:  # starting, encode_audio, condition: the whole run, less what it has already spent
-            run = max((condition + _steps(job) * step_s + codec) / 2,
-                      condition + _steps(job) * step_s + codec - (now - (job.leased_at or now)))
-        return run * self.run_scale
 
     def _latency(self, stage: str) -> float | None:
         values = [load.latency_s for load in self._live_stages().get(stage, []) if load.latency_s]
@@ -430,7 +430,6 @@ class JobRegistry:
                 job.started_at = now
                 heapq.heappush(self.deadlines, (now + self.config.job_timeout_s, job.job_id))
                 metrics().job_queue_seconds.observe(now - job.created_at)
-            job.predicted_run_s = self._run_seconds(job, now)
             job.driver_id, job.leased_at = driver_id, now
             self.leased.add(job.job_id)
             job.attempts += 1
@@ -490,9 +489,6 @@ class JobRegistry:
         timeline = result.get("timeline") or {}
         job.result = {**result, "timeline": {"submitted": job.created_at, "leased": job.leased_at, **timeline,
                                              "finished": now}}
-        if job.predicted_run_s and job.leased_at:  # how far the ETA's model was off, for the next predictions
-            ratio = (now - job.leased_at) / job.predicted_run_s
-            self.run_scale = min(4.0, max(0.25, 0.8 * self.run_scale + 0.2 * ratio * self.run_scale))
         self._end(job, "succeeded", now)
         await self._durable()
         return True
@@ -695,6 +691,18 @@ def _change_key(view: dict[str, Any]) -> tuple:
 
 def _steps(job: JobRecord) -> int:
     return int(((job.spec or {}).get("request") or {}).get("inference_steps") or DEFAULT_STEPS)
+
+
+def _sim_job(job: JobRecord, dit: DiTModel, default_duration_s: float) -> SimJob:
+    """A job as the ETA's simulation sees it: its DiT rows, latent frames, steps and batch key, from its request
+    (the server's default duration where it gives none)."""
+    request = (job.spec or {}).get("request") or {}
+    guidance = request.get("guidance_scale", 7.0) if dit.cfg else 1.0
+    rows = (request.get("batch_size") or 2) * (2 if guidance > 1.0 else 1)
+    duration = request.get("audio_duration") or default_duration_s
+    return SimJob(job.job_id, rows=rows, frames=math.ceil(duration * dit.frames_per_s), steps_left=_steps(job),
+                  key=(_steps(job), request.get("shift"), guidance, request.get("cfg_interval_start"),
+                       request.get("cfg_interval_end")))
 
 
 def registry_actor(name: str, queue: QueueConfig, files: FilesConfig) -> "ray.actor.ActorHandle":

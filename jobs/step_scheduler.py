@@ -8,11 +8,20 @@ before every step, which states go in:
 - `scheduling: request`: whole-request batching, for comparison: a batch forms while the stage is idle (for up to
   `batch_wait_timeout_s`), runs to its last step, and only then are waiting jobs admitted.
 
-Jobs are admitted in arrival order while their forward pass stays within `max_batch_size` jobs and
-`max_batch_frames` padded latent frames (rows x longest job, the work a padded forward does). A job bigger than the
-budget runs alone rather than failing. Jobs with different `batch_key`s (step count, shift, guidance) run in
-separate forward passes, one after the other, and so do jobs whose lengths differ by more than `max_padding` (the
-engine masks padding, so results never depend on it; the padded frames only cost compute).
+Jobs are admitted in arrival order up to `max_round_jobs` per step round. A round runs as one or more forward passes,
+each within `max_batch_size` jobs and `max_batch_frames` padded latent frames (rows x longest job, the work a padded
+forward does); a job bigger than the budget runs alone rather than failing. Jobs with different `batch_key`s (step
+count, shift, guidance) always take separate passes. Within a key, `split` decides how jobs of different lengths
+share passes (the engine masks padding, so results never depend on it; padded frames only cost compute):
+
+- `cost` (default): the split that costs least by the pass costs this replica measured, `seconds = fixed + per_frame
+  x padded work`, fitted over its recent passes: padding is carried where it is cheaper than another pass. Until
+  passes of different sizes have been measured, as `padding`.
+- `padding`: longest first, a pass takes the next job while its padding stays within `max_padding` of its real work.
+
+A round holding more jobs than one pass (`max_round_jobs` > `max_batch_size`) lets jobs of similar length fill
+passes together; it also shares the stage among more jobs, so each of them finishes later than with a round of one
+pass.
 
 The engine runs in a worker thread; everything else runs on the replica's event loop.
 """
@@ -40,13 +49,23 @@ class StepSchedulingConfig(BaseModel):
     max_batch_size: int = Field(8, ge=1, le=256, description="Jobs in one forward pass.")
     max_batch_frames: int = Field(8192, ge=1, description="Padded latent frames in one forward pass: rows (outputs, "
                                   "x2 with CFG) x the longest job's frames. 25 frames = 1 s of audio.")
-    max_padding: float = Field(0.25, ge=0.0, le=100.0, description="Padding one forward pass may carry, as a "
-                               "fraction of its real frames. Jobs further apart in length take separate forward "
-                               "passes in the same step round (0: exact-length buckets).")
+    max_round_jobs: int | None = Field(None, ge=1, le=1024, description="Jobs in one step round, over its "
+                                       "forward passes (default: 2 x max_batch_size). More than one pass's worth "
+                                       "lets jobs of similar length share passes.")
+    split: Literal["cost", "padding"] = Field("cost", description="How a round's jobs of different lengths share "
+                                              "forward passes. `cost`: the cheapest split by the measured pass "
+                                              "cost (fixed + per padded frame). `padding`: within `max_padding`.")
+    max_padding: float = Field(0.25, ge=0.0, le=100.0, description="With `split: padding` (and with `cost` until "
+                               "the pass cost is measured): padding one forward pass may carry, as a fraction of its "
+                               "real frames (0: exact-length passes).")
     batch_wait_timeout_s: float = Field(0.05, ge=0.0, le=10.0, description="An idle stage waits this long after the "
                                         "first job for others to batch with.")
     scheduling: Literal["step", "request"] = Field("step", description="`step`: jobs join and leave a running batch "
                                                    "at step boundaries. `request`: whole-request batches.")
+
+    @property
+    def round_jobs(self) -> int:
+        return self.max_round_jobs or 2 * self.max_batch_size
 
 
 @dataclass(eq=False)
@@ -83,7 +102,7 @@ class StepScheduler:
         self.on_progress, self.on_batch = on_progress, on_batch
         self.pending: deque[_Entry] = deque()
         self.active: list[_Entry] = []
-        self.round_s: float | None = None  # seconds per step round (every forward pass of one step), smoothed
+        self.costs = PassCosts()
         self._wake = asyncio.Event()
         self._report: asyncio.Task | None = None
         self._task = asyncio.get_running_loop().create_task(self._loop())
@@ -127,15 +146,12 @@ class StepScheduler:
             groups: dict[tuple, list[_Entry]] = {}
             for entry in self.active:
                 groups.setdefault(entry.state.key, []).append(entry)
-            start = time.perf_counter()
             for group in groups.values():
-                for forward in self._by_length(group):
+                for forward in self._passes(group):
                     # A stop that arrived during an earlier pass of this round applies to this one already.
                     forward = [e for e in forward if not e.canceled]
                     if forward:
                         await self._step(forward)
-            seconds = time.perf_counter() - start
-            self.round_s = seconds if self.round_s is None else 0.7 * self.round_s + 0.3 * seconds
             self._progress({e.request.tag: (e.state.step, e.state.total) for e in self.active if not e.canceled})
             self._retire()
 
@@ -172,29 +188,16 @@ class StepScheduler:
             entry.record["started"] = time.time()
 
     def _fits(self, state: Any) -> bool:
-        group = [e.state for e in self.active if e.state.key == state.key]
-        if not group:
-            return True  # alone it always runs, even over the frame budget
-        if len(group) + 1 > self.config.max_batch_size:
-            return False
-        rows = sum(s.rows for s in group) + state.rows
-        return rows * max(state.frames, *(s.frames for s in group)) <= self.config.max_batch_frames
+        """Room in the round for this job: fewer than `round_jobs` of its batch key (the passes respect the budgets)."""
+        return sum(e.state.key == state.key for e in self.active) < self.config.round_jobs
 
-    def _by_length(self, group: list[_Entry]) -> list[list[_Entry]]:
-        """Split a group into forward passes, longest jobs first, each within `max_padding` of its real work."""
-        passes: list[list[_Entry]] = []
-        real = padded = 0
-        for entry in sorted(group, key=lambda e: -e.state.frames):
-            rows, frames = entry.state.rows, entry.state.frames
-            if passes:
-                longest = passes[-1][0].state.frames
-                if padded + rows * longest <= (1.0 + self.config.max_padding) * (real + rows * frames):
-                    passes[-1].append(entry)
-                    real, padded = real + rows * frames, padded + rows * longest
-                    continue
-            passes.append([entry])
-            real = padded = rows * frames
-        return passes
+    def _passes(self, group: list[_Entry]) -> list[list[_Entry]]:
+        """Split one batch key's jobs into forward passes, longest first: each pass within `max_batch_size` jobs and
+        `max_batch_frames` padded frames (a job over the budget alone), the cheapest such split by the measured pass
+        cost (`split: cost`, once measured), else each pass within `max_padding`."""
+        entries = sorted(group, key=lambda e: -e.state.frames)
+        overhead = self.costs.overhead() if self.config.split == "cost" else None
+        return _cheapest(entries, self.config, overhead) if overhead is not None else _padded(entries, self.config)
 
     async def _step(self, group: list[_Entry]) -> None:
         states = [e.state for e in group]
@@ -208,6 +211,7 @@ class StepScheduler:
                     entry.future.set_exception(exc)
             return
         seconds = time.perf_counter() - start
+        self.costs.add(sum(s.rows for s in states) * max(s.frames for s in states), seconds)
         for entry in group:
             entry.record["max_jobs_per_pass"] = max(entry.record["max_jobs_per_pass"], len(group))
         if self.on_batch:
@@ -255,3 +259,86 @@ class StepScheduler:
             else:
                 still.append(entry)
         self.active = still
+
+
+def _fits_pass(rows: int, frames: int, jobs: int, config: StepSchedulingConfig) -> bool:
+    """A forward pass of `jobs` jobs, `rows` rows padded to `frames`, within the budgets (one job always is)."""
+    return jobs == 1 or (jobs <= config.max_batch_size and rows * frames <= config.max_batch_frames)
+
+
+def _padded(entries: list[_Entry], config: StepSchedulingConfig) -> list[list[_Entry]]:
+    """Greedy, longest first: a pass takes the next job while it stays within the budgets and `max_padding`."""
+    passes: list[list[_Entry]] = []
+    real = padded = rows_in = 0
+    for entry in entries:
+        rows, frames = entry.state.rows, entry.state.frames
+        if passes:
+            longest = passes[-1][0].state.frames
+            if _fits_pass(rows_in + rows, longest, len(passes[-1]) + 1, config) and \
+                    padded + rows * longest <= (1.0 + config.max_padding) * (real + rows * frames):
+                passes[-1].append(entry)
+                real, padded, rows_in = real + rows * frames, padded + rows * longest, rows_in + rows
+                continue
+        passes.append([entry])
+        real = padded = rows * frames
+        rows_in = rows
+    return passes
+
+
+def _cheapest(entries: list[_Entry], config: StepSchedulingConfig, overhead: float) -> list[list[_Entry]]:
+    """The split of `entries` (longest first) into consecutive passes within the budgets that minimises the modelled
+    cost, sum over passes of `overhead + rows x longest frames` (dynamic programming over the split points)."""
+    n = len(entries)
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for end in range(1, n + 1):
+        rows = 0
+        for start in range(end - 1, -1, -1):  # the pass entries[start:end]; its longest is entries[start]
+            rows += entries[start].state.rows
+            frames = entries[start].state.frames
+            if not _fits_pass(rows, frames, end - start, config):
+                break  # a longer pass only grows (more jobs, more rows, a longer longest)
+            cost = best[start] + overhead + rows * frames
+            if cost <= best[end]:  # on a tie, the longer pass: fewer passes
+                best[end], cut[end] = cost, start
+    passes, end = [], n
+    while end:
+        passes.append(entries[cut[end]:end])
+        end = cut[end]
+    return passes[::-1]
+
+
+class PassCosts:
+    """The DiT's forward pass cost as measured here: seconds against padded work (rows x longest frames), fitted by
+    least squares over the last `size` passes as `seconds = fixed + per_frame x work`."""
+
+    MIN_PASSES = 8
+
+    def __init__(self, size: int = 256):
+        self.passes: deque[tuple[int, float]] = deque(maxlen=size)
+
+    def add(self, work: int, seconds: float) -> None:
+        self.passes.append((work, seconds))
+
+    def overhead(self) -> float | None:
+        """`fixed / per_frame`: the padded work one more pass costs before it computes anything (what padding is worth
+        carrying to save a pass). None until at least `MIN_PASSES` passes of clearly different sizes (the largest
+        1.5x the smallest) give a positive slope."""
+        fit = self._fit()
+        return fit[0] / fit[1] if fit else None
+
+    def model(self) -> tuple[float, float] | None:
+        """`(fixed_s, per_frame_s)`: the fit, or before there is one, the passes' seconds per frame (all of it
+        proportional); None before any pass."""
+        if not self.passes:
+            return None
+        work, seconds = np.array(self.passes, dtype=np.float64).T
+        return self._fit() or (0.0, float(seconds.sum() / max(1.0, work.sum())))
+
+    def _fit(self) -> tuple[float, float] | None:
+        if len(self.passes) < self.MIN_PASSES:
+            return None
+        work, seconds = np.array(self.passes, dtype=np.float64).T
+        if work.max() < 1.5 * work.min():
+            return None
+        per_frame, fixed = np.polyfit(work, seconds, 1)
+        return (max(0.0, float(fixed)), float(per_frame)) if per_frame > 0 else None

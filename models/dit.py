@@ -155,6 +155,10 @@ class DiTEngine:
     def is_turbo(self) -> bool:
         return self.pipe.is_turbo
 
+    @property
+    def latents_per_second(self) -> float:
+        return self.pipe.latents_per_second
+
     def effective_guidance(self, guidance_scale: float) -> float:
         """Turbo checkpoints have guidance distilled in: the pipeline runs them at 1.0 whatever was asked."""
         return 1.0 if self.is_turbo else guidance_scale

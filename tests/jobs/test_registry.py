@@ -354,21 +354,26 @@ def test_the_result_carries_the_registrys_times_in_its_timeline():
     run(scenario())
 
 
-def test_the_eta_simulates_the_line_through_the_stages_latencies():
-    """Two slots; each job runs condition 0.1 s + 4 steps x 0.5 s + decode 0.4 s = 2.5 s. The two running jobs free
-    their slots at 2.5 s: the next two start then, the fifth when the first of those ends (5 s)."""
+def test_the_eta_simulates_the_line_through_the_dits_rounds():
+    """Two slots (DiT and AudioCodec one each), a DiT that runs one job per round: each job spends condition 0.1 s,
+    4 steps x 0.5 s (10 s of audio, 1 output: 250 frames x 2 ms) and decode 0.4 s. The two running jobs reach the
+    DiT together, but it runs them one after the other: they end at 2.5 s and 4.5 s, and the next ones follow as
+    the DiT frees (the old model, one slot per job, said 2.5, 2.5 and 5.0)."""
     async def scenario():
         reg = JobRegistry(QueueConfig(max_running_jobs=8, initial_avg_job_seconds=100.0))
-        spec = {"request": {"inference_steps": 4}}
+        spec = {"request": {"inference_steps": 4, "audio_duration": 10.0, "batch_size": 1}}
         for i in range(5):
             await reg.submit(f"j{i}", spec)
+        dit = {"fixed_s": 0.0, "per_frame_s": 0.002, "frames_per_s": 25.0, "cfg": False,
+               "config": {"max_batch_size": 1, "max_round_jobs": 1, "batch_wait_timeout_s": 0.0}}
         await reg.report_stage("condition", "c", 8, 0.0, 0, latency_s=0.1)
-        await reg.report_stage("dit", "d", 1, 0.0, 0, latency_s=0.5)
+        await reg.report_stage("dit", "d", 1, 0.0, 0, latency_s=0.5, model=dit)
         await reg.report_stage("codec", "k", 1, 0.0, 0, latency_s=0.4)
         assert len(await reg.lease("driver", 8, wait_s=0)) == 2
         etas = [(await reg.view(f"j{i}"))["eta_seconds"] for i in (2, 3, 4)]
-        assert etas == [pytest.approx(2.5, abs=0.05), pytest.approx(2.5, abs=0.05), pytest.approx(5.0, abs=0.05)]
-        await reg.report_steps({"j0#1": (3, 4)})  # one step and the decode left: 0.9 s
+        assert etas == [pytest.approx(2.5, abs=0.05), pytest.approx(4.5, abs=0.05), pytest.approx(6.5, abs=0.05)]
+        await reg.report_steps({"j0#1": (3, 4)})  # j0: one step and the decode left; j1 still before the DiT
+        await asyncio.sleep(0.05)  # the schedule is recomputed after a change once 10x its last cost has passed
         assert (await reg.view("j2"))["eta_seconds"] == pytest.approx(0.9, abs=0.05)
     run(scenario())
 
@@ -394,4 +399,15 @@ def test_reads_do_not_wait_behind_journal_writes(tmp_path, monkeypatch):
         assert loop.time() - start < 0.3
         assert not submit.done()
         assert (await submit)["accepted"] and loop.time() - start >= 0.5
+    run(scenario())
+
+
+def test_views_answers_several_jobs_in_one_call():
+    async def scenario():
+        reg = JobRegistry(QueueConfig())
+        await reg.submit("a", {})
+        await reg.submit("b", {})
+        a, unknown, b = await reg.views(["a", "nope", "b"])
+        assert unknown is None and (a, b) == (await reg.view("a"), await reg.view("b"))
+        assert b["queue_position"] == 2
     run(scenario())

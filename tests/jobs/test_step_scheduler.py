@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from jobs.step_scheduler import StepScheduler, StepSchedulingConfig
+from jobs.step_scheduler import PassCosts, StepScheduler, StepSchedulingConfig, _cheapest
 from models.condition import ConditionEngine, ConditionRequest
 from models.dit import DiTEngine, DiTRequest
 from models.loading import ModelConfig
@@ -36,6 +36,7 @@ def _scenario(dit, requests, scheduling, cancel_last=False, **config):
             batches.append(jobs)
             if len(batches) == 2:
                 arrived.set()
+        config.setdefault("split", "padding")
         config.setdefault("max_padding", 100.0)  # one forward pass whatever the lengths
         scheduler = StepScheduler(dit, StepSchedulingConfig(scheduling=scheduling, batch_wait_timeout_s=0, **config),
                                   on_batch=on_batch)
@@ -136,7 +137,8 @@ def test_an_idle_stage_waits_for_company_only_when_some_is_coming(dit, requests_
     """`batch_wait_timeout_s` of 2 s: a job whose caller has nobody else on the way starts at once and gets a record
     of its times; one whose caller says others follow waits for them (and batches with the one that comes)."""
     async def main():
-        scheduler = StepScheduler(dit, StepSchedulingConfig(batch_wait_timeout_s=2.0, max_padding=100.0))
+        scheduler = StepScheduler(dit, StepSchedulingConfig(batch_wait_timeout_s=2.0, max_padding=100.0,
+                                                             split="padding"))
         record: dict = {}
         await scheduler.submit(requests_[0], record, company=0)
         assert record["started"] - record["arrived"] < 1.0, record
@@ -148,3 +150,76 @@ def test_an_idle_stage_waits_for_company_only_when_some_is_coming(dit, requests_
         assert records[0]["started"] - records[0]["arrived"] >= 0.5  # it waited for the second
         assert [r["max_jobs_per_pass"] for r in records] == [2, 2]
     asyncio.run(main())
+
+
+def _entries(*jobs):
+    """Scheduler entries for (rows, frames) pairs, longest first (what `_passes` hands `_cheapest`)."""
+    state = lambda rows, frames: type("State", (), {"rows": rows, "frames": frames})()  # noqa: E731
+    return [type("Entry", (), {"state": state(r, f)})() for r, f in sorted(jobs, key=lambda j: -j[1])]
+
+
+def _shape(passes):
+    return [[e.state.frames for e in p] for p in passes]
+
+
+def test_the_cheapest_split_carries_padding_only_where_it_saves_a_pass():
+    """The H200 turbo DiT: 17.5 ms a pass + 8.8 us per row x frame, i.e. a pass is worth ~2,000 padded frames. A 120 s
+    job (3,000 frames) padded to 180 s (4,500) costs 1,500 frames: cheaper than its own pass; a 60 s job padded to
+    180 s costs 3,000: dearer, so the 60 s jobs share a pass of their own (padding 60 s to 120 s costs 1,500 each)."""
+    config = StepSchedulingConfig(max_batch_size=8, max_batch_frames=36_000)
+    jobs = [(1, 4500), (1, 3000), (1, 1500), (1, 1500), (1, 4500)]
+    mixed = _entries(*jobs)
+    assert _shape(_cheapest(mixed, config, overhead=2000.0)) == [[4500, 4500, 3000], [1500, 1500]]
+    assert _shape(_cheapest(mixed, config, overhead=0.0)) == [[4500, 4500], [3000], [1500, 1500]]
+    assert _shape(_cheapest(mixed, config, overhead=1e9)) == [[4500, 4500, 3000, 1500, 1500]]
+    # The budgets hold whatever the overhead: at most 2 jobs, at most 9,000 padded frames, a job over it alone.
+    small = StepSchedulingConfig(max_batch_size=2, max_batch_frames=9_000)
+    passes = _cheapest(_entries(*jobs, (4, 4000)), small, overhead=1e9)
+    assert _shape(passes) == [[4500, 4500], [4000], [3000], [1500, 1500]]
+
+
+def test_pass_costs_fit_the_fixed_cost_once_passes_of_different_sizes_are_measured():
+    costs = PassCosts()
+    for work in (1000, 1000, 1000, 1000, 1000, 1000, 1000):
+        costs.add(work, 0.0175 + 8.8e-6 * work)
+    assert costs.overhead() is None  # too few passes
+    costs.add(1000, 0.0175 + 8.8e-6 * 1000)
+    assert costs.overhead() is None  # one size only: no slope
+    for work in (4500, 9000, 36000, 18000):
+        costs.add(work, 0.0175 + 8.8e-6 * work)
+    assert costs.overhead() == pytest.approx(0.0175 / 8.8e-6, rel=1e-6)
+
+
+def test_a_round_holds_more_jobs_than_a_pass_and_the_measured_cost_splits_it(dit, requests_):
+    """max_batch_size 2, so a round of 4 jobs runs as 2 passes. With passes measured as costing a large fixed
+    overhead, the split pairs jobs to minimise passes; measured as pure per-frame cost, it never pads. Results are the
+    jobs' own either way."""
+    four = [*requests_, dataclasses.replace(requests_[2], seeds=[7], tag="job3")]  # 25, 40, 50 and 50 frames
+    alone = dit.generate(four)
+
+    async def run(fixed: float):
+        passes: list[list[int]] = []
+
+        class Recording:
+            def __getattr__(self, name):
+                return getattr(dit, name)
+
+            def step(self, states):
+                passes.append(sorted(s.frames for s in states))
+                dit.step(states)
+
+        scheduler = StepScheduler(Recording(), StepSchedulingConfig(max_batch_size=2, batch_wait_timeout_s=1.0))
+        for work in (50, 100, 200) * 3:  # measured before: seconds = fixed + 1e-4 x padded work
+            scheduler.costs.add(work, fixed + 1e-4 * work)
+        scheduler.costs.add = lambda work, seconds: None  # keep the measurement the test set
+        results = await asyncio.gather(*(scheduler.submit(r) for r in four))
+        return results, passes
+
+    results, passes = asyncio.run(run(fixed=1.0))
+    assert passes[0] == [50, 50] and passes[1] == [25, 40], passes[:2]  # all four in the first round, 2 passes
+    for got, expected in zip(results, alone):
+        np.testing.assert_allclose(got, expected, atol=2e-5)
+    results, passes = asyncio.run(run(fixed=0.0))
+    assert passes[:3] == [[50, 50], [40], [25]], passes[:3]
+    for got, expected in zip(results, alone):
+        np.testing.assert_allclose(got, expected, atol=2e-5)
