@@ -16,7 +16,7 @@ from deployments.stage import FrameBudget, ItemFailure, StageReplica, stamped
 from jobs.config import FilesConfig, QueueConfig
 from jobs.metrics import metrics
 from jobs.storage import ResultStore, UploadStore
-from models.audio_io import encode_audio, load_audio
+from models.audio_io import FORMATS, encode_audio, load_audio
 from models.codec import AudioCodecEngine
 from models.loading import ModelConfig
 
@@ -25,13 +25,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class DecodeRequest:
-    """One job's latents `(outputs, frames, channels)`, to decode and write as `<job_id>/<index>.<audio_format>`."""
+    """One job's latents `(outputs, frames, channels)`, to decode and write as `<job_id>/<index>.<extension>`, the
+    extension of `audio_format` (wav32 writes .wav)."""
 
     job_id: str
     attempt_id: str
     latents: np.ndarray
     samples: int  # audio samples per output to keep: the requested duration (the latent grid is 1/25 s)
     audio_format: str
+    mp3_bitrate: int | None = None  # kbps, constant; None: variable (see `encode_audio`)
 
 
 # Items are latents (outputs, frames, channels): their work is outputs x frames.
@@ -72,8 +74,9 @@ class AudioCodec(StageReplica):
     def _write(self, request: DecodeRequest, audio: np.ndarray) -> list[str]:
         keys = []
         for index, waveform in enumerate(audio):
-            key = self.store.key(request.job_id, index, request.audio_format)
-            self.store.put(key, encode_audio(waveform, self.engine.sample_rate, request.audio_format))
+            key = self.store.key(request.job_id, index, FORMATS[request.audio_format].extension)
+            self.store.put(key, encode_audio(waveform, self.engine.sample_rate, request.audio_format,
+                                             request.mp3_bitrate))
             keys.append(key)
         return keys
 

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jobs.schemas import AUDIO_FORMATS
+
 CAPTIONS = ["lofi", "upbeat synth pop with a driving bassline", "acoustic guitar ballad, warm and intimate vocals",
             "cinematic orchestral score with strings, brass and timpani building to a climax"]
 LYRICS = ["", "[verse]\nla la la", "[verse]\nwalking down the empty street\n[chorus]\nhold on, hold on"]
@@ -43,7 +45,7 @@ def job_mix(count: int, durations: list[float], steps: int, outputs: int, fmt: s
 def _stage_options(batch: int, frames: int, scheduling: str) -> dict[str, dict]:
     fixed = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}
     return {"ConditionEncoder": {**fixed, "user_config": {"max_batch_size": batch, "batch_wait_timeout_s": 0.02}},
-            "DiT": {**fixed, "max_ongoing_requests": max(16, 2 * batch),
+            "DiT": {**fixed, "max_ongoing_requests": max(32, 4 * batch),  # a round holds 2 x batch, and more wait
                     "user_config": {"max_batch_size": batch, "max_batch_frames": frames, "batch_wait_timeout_s": 0.05,
                                     "scheduling": scheduling}},
             "AudioCodec": {**fixed, "max_ongoing_requests": max(16, 2 * batch),
@@ -110,7 +112,7 @@ class SequentialBaseline:
     def _one(self, job: dict, index: int) -> float:
         import torch
 
-        from models.audio_io import encode_audio
+        from models.audio_io import FORMATS, encode_audio
 
         start, n, rate = time.perf_counter(), job["batch_size"], self.pipe.vae.config.sampling_rate
         generator = [torch.Generator().manual_seed(job["seed"] + k) for k in range(n)]
@@ -118,7 +120,7 @@ class SequentialBaseline:
                           audio_duration=job["audio_duration"], num_inference_steps=job["inference_steps"],
                           generator=generator).audios.float().cpu().numpy()  # .cpu(): waits for a GPU too
         for k, waveform in enumerate(audio):
-            (self.out_dir / f"seq-{index}-{k}.{job['audio_format']}").write_bytes(
+            (self.out_dir / f"seq-{index}-{k}.{FORMATS[job['audio_format']].extension}").write_bytes(
                 encode_audio(waveform[..., : round(job["audio_duration"] * rate)], rate, job["audio_format"]))
         return time.perf_counter() - start
 
@@ -188,7 +190,8 @@ async def drive(url: str, jobs: list[dict], concurrency: int, poll_s: float = 0.
                       "finished": time.time(), "gaps": timeline_gaps(timeline), "ray_calls": timeline["ray_calls"]}
             polled, first_view = first
             if first_view["status"] == "queued" and first_view["eta_seconds"]:
-                record["eta"] = (first_view["eta_seconds"], view["started_at"] - polled)
+                record["eta"] = (first_view["eta_seconds"], view["started_at"] - polled,
+                                 first_view["queue_position"], polled - start)
             records.append(record)
 
     start = time.time()
@@ -197,13 +200,15 @@ async def drive(url: str, jobs: list[dict], concurrency: int, poll_s: float = 0.
     elapsed = max(r["finished"] for r in records) - start
     latencies = sorted(r["latency"] for r in records)
     pairs = [r["eta"] for r in records if "eta" in r and r["eta"][1] > 0]
-    etas = [abs(predicted - actual) / actual for predicted, actual in pairs]
+    etas = [abs(predicted - actual) / actual for predicted, actual, *_ in pairs]
     stages = {name: statistics.median(r["stages"].get(name, 0.0) for r in records)
               for name in ("condition", "diffusion", "decode")}
     ray_calls = _medians([r["ray_calls"] for r in records])
     return {"jobs": len(records), "seconds": elapsed, "jobs_per_s": len(records) / elapsed,
             "p50_s": _quantile(latencies, 0.5), "p95_s": _quantile(latencies, 0.95),
             "eta_error_median": statistics.median(etas) if etas else None, "eta_samples": len(etas),
+            "eta_samples_s": sorted(([round(x, 3) for x in (at, predicted, actual)] + [position]
+                                     for predicted, actual, position, at in pairs)),
             "eta_predicted_vs_actual_median_s": [statistics.median(p[0] for p in pairs),
                                                  statistics.median(p[1] for p in pairs)] if pairs else None,
             "stage_median_s": stages, "timeline_median_s": _medians([r["gaps"] for r in records]),
@@ -238,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--durations", default="10,15,20", help="seconds of audio, cycled over the jobs")
     parser.add_argument("--steps", type=int, default=8, help="inference_steps of every job")
     parser.add_argument("--outputs", type=int, default=1, help="batch_size (outputs) of every job")
-    parser.add_argument("--format", default="wav", choices=["wav", "flac", "mp3"])
+    parser.add_argument("--format", default="wav", choices=AUDIO_FORMATS)
     parser.add_argument("--max-batch-size", type=int, default=8, help="jobs per batch with batching on")
     parser.add_argument("--max-batch-frames", type=int, default=12000, help="DiT / codec frame budget")
     parser.add_argument("--threads", type=int, default=None,

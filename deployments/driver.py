@@ -244,7 +244,7 @@ class JobDriver:
             raise StageError("diffusion: stopped before the last step")
         samples = round(duration * self.sample_rate)
         decode_request = DecodeRequest(job_id=job_id, attempt_id=attempt, latents=latents, samples=samples,
-                                       audio_format=request.audio_format)
+                                       audio_format=request.audio_format, mp3_bitrate=request.mp3_bitrate)
         keys = await stage("decode", lambda company: self.codec.decode.remote(decode_request, company))
 
         seconds = min(samples, latents.shape[1] * self.hop_length) / self.sample_rate

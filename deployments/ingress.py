@@ -13,7 +13,7 @@ import time
 import uuid
 from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import parse_qs
 
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -26,13 +26,13 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments import envs
+from deployments import envs, upstream_api
 from deployments.logs import configure_replica_logging
 from jobs.registry import MAX_WAIT_S, TERMINAL, RegistryClient
-from jobs.schemas import (MAX_SEED, ErrorResponse, GenerateRequest, JobSubmitted, JobView, ReadyResponse,
+from jobs.schemas import (MAX_SEED, TASK_TYPES, ErrorResponse, GenerateRequest, JobSubmitted, JobView, ReadyResponse,
                           describe_validation_error, generate_request_schema, normalize_payload)
 from jobs.storage import ResultStore, UploadStore
-from models.audio_io import AudioDecodeError, AudioTooLongError, media_type, probe_audio
+from models.audio_io import MEDIA_TYPES, AudioDecodeError, AudioTooLongError, media_type, probe_audio
 from models.loading import COVER_FROM_SOURCE_PARTS, has_parts
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 UPLOAD_FIELDS = {"reference_audio": "reference_audio", "src_audio": "src_audio",
                  "ref_audio": "reference_audio", "ctx_audio": "src_audio"}  # upstream HEAD's spellings too
 PROBES = ("/health", "/readyz")
+BODY_TOKEN = "acestep.body_token"  # scope key: the middleware found no valid key in the header; the body's ai_token
 FINISHED_CACHE_SIZE = 10_000  # finished jobs' views kept in each ingress replica (a few KB each)
 UNSUPPORTED = ("Unsupported Content-Type: {}; use application/json, application/x-www-form-urlencoded, or "
                "multipart/form-data")
@@ -54,35 +55,60 @@ def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> J
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
+def _route(scope: dict[str, Any]) -> str:
+    return scope["path"].removeprefix(scope.get("root_path", ""))  # the app may sit under a prefix
+
+
+def _error_at(scope: dict[str, Any], status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """`{"detail"}`; on upstream v2's own routes also its envelope, with `code` and `error`."""
+    if _route(scope) in upstream_api.ROUTES:
+        return JSONResponse(upstream_api.error_envelope(status, detail), status_code=status, headers=headers)
+    return _error(status, detail, headers)
+
+
 @api.exception_handler(RequestValidationError)
-async def _request_validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0]
     field = ".".join(str(p) for p in first["loc"][1:]) or "request"
-    return _error(422, f"{field}: {first['msg']}")
+    return _error_at(request.scope, 422, f"{field}: {first['msg']}")
 
 
 @api.exception_handler(StarletteHTTPException)
-async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return _error_at(request.scope, exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
 
 @api.exception_handler(Exception)
-async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error")
-    return _error(500, "Internal Server Error")
+    return _error_at(request.scope, 500, "Internal Server Error")
 
 
 @api.exception_handler(ray.exceptions.RayActorError)
 @api.exception_handler(ray.exceptions.ActorUnavailableError)
-async def _registry_down(_request: Request, exc: Exception) -> JSONResponse:
+async def _registry_down(request: Request, exc: Exception) -> JSONResponse:
     logger.warning("job registry unavailable: %s", exc)
-    return _error(503, "Job registry unavailable; retry shortly", {"Retry-After": "2"})
+    return _error_at(request.scope, 503, "Job registry unavailable; retry shortly", {"Retry-After": "2"})
+
+
+def _unauthorized() -> HTTPException:
+    return HTTPException(401, "Missing or invalid API key", {"WWW-Authenticate": "Bearer"})
+
+
+def _key_ok(key: Any) -> bool:
+    """Whether `key` is one of the configured API keys (compared as SHA-256 digests, in constant time)."""
+    if not isinstance(key, str):
+        return False
+    digest = hashlib.sha256(key.strip().encode("utf-8", "surrogatepass")).hexdigest()  # JSON may carry "\ud800"
+    return any(hmac.compare_digest(digest, d) for d in envs.API_KEY_SHA256)
 
 
 class RequireApiKey:
     """With API keys configured, everything but the probes (/health, /readyz: load balancers and kubelets send no
-    key) needs `Authorization: Bearer <key>`. A plain ASGI middleware: without keys a request passes straight through
-    (Starlette's `@app.middleware("http")` costs a task group and a stream per request, ~5 % of a poll)."""
+    key) needs `Authorization: Bearer <key>`; on upstream v2's `/release_task` and `/query_result` the key may come
+    as the body's `ai_token` instead, which the route checks once it has read the body. A plain ASGI middleware:
+    without keys a request passes straight through (Starlette's `@app.middleware("http")` costs a task group and a
+    stream per request, ~5 % of a poll)."""
 
     def __init__(self, app):
         self.app = app
@@ -90,29 +116,45 @@ class RequireApiKey:
     async def __call__(self, scope, receive, send):
         digests = envs.API_KEY_SHA256  # module state: Serve runs a frozen copy of `api`, so not `api.state`
         if scope["type"] == "http" and digests:
-            path = scope["path"].removeprefix(scope.get("root_path", ""))  # the app may sit under a prefix
+            path = _route(scope)
             if path not in PROBES:
                 header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
                 scheme, _, key = header.partition(" ")
-                digest = hashlib.sha256(key.strip().encode()).hexdigest()
-                if scheme.lower() != "bearer" or not any(hmac.compare_digest(digest, d) for d in digests):
-                    response = _error(401, "Missing or invalid API key", {"WWW-Authenticate": "Bearer"})
-                    return await response(scope, receive, send)
+                if scheme.lower() != "bearer" or not _key_ok(key):
+                    if path in upstream_api.BODY_TOKEN_ROUTES:
+                        scope[BODY_TOKEN] = True
+                    else:
+                        response = _error_at(scope, 401, "Missing or invalid API key", {"WWW-Authenticate": "Bearer"})
+                        return await response(scope, receive, send)
         await self.app(scope, receive, send)
 
 
 api.add_middleware(RequireApiKey)
 
 
+def _request_body(schema: dict[str, Any], files: tuple[str, ...] = (), multipart: bool = True) -> dict[str, Any]:
+    """An OpenAPI requestBody: `schema` as JSON and as a form, and as multipart with `files` added."""
+    content = {"application/json": {"schema": schema}, "application/x-www-form-urlencoded": {"schema": schema}}
+    if multipart:
+        binary = {"type": "string", "format": "binary"}
+        content["multipart/form-data"] = {"schema": {**schema, "properties": {
+            **schema["properties"], **{name: binary for name in files}}}}
+    return {"required": True, "content": content}  # no body, no Content-Type: 415
+
+
 _REQUEST_SCHEMA = generate_request_schema()  # GenerateRequest's, widened to what the server accepts (upstream's)
-_REQUEST_BODY = {"required": True, "content": {  # no body, no Content-Type: 415
-    "application/json": {"schema": _REQUEST_SCHEMA},
-    "application/x-www-form-urlencoded": {"schema": _REQUEST_SCHEMA},
-    "multipart/form-data": {"schema": {**_REQUEST_SCHEMA, "properties": {
-        **_REQUEST_SCHEMA["properties"],
-        "reference_audio": {"type": "string", "format": "binary"},
-        "src_audio": {"type": "string", "format": "binary"}}}},
-}}
+_REQUEST_BODY = _request_body(_REQUEST_SCHEMA, ("reference_audio", "src_audio"))
+# Upstream v2 reads any value of `ai_token` (it matters only with API keys configured, as the key).
+_AI_TOKEN = {"description": "The API key, instead of `Authorization: Bearer <key>` (only with API keys configured)."}
+_RELEASE_TASK_BODY = _request_body({**_REQUEST_SCHEMA, "properties": {**_REQUEST_SCHEMA["properties"],
+                                                                     "ai_token": _AI_TOKEN}},
+                                   ("reference_audio", "src_audio", "ref_audio", "ctx_audio"))
+_QUERY_RESULT_BODY = _request_body({"type": "object", "properties": {
+    "task_id_list": {"description": "Task ids: a JSON array, or a string holding one (as a form field); absent "
+                                    "or null: none.",
+                     "anyOf": [{"type": "array", "items": {"type": "string"}, "maxItems": upstream_api.MAX_TASK_IDS},
+                               {"type": "string"}, {"type": "null"}]},
+    "ai_token": _AI_TOKEN}}, multipart=False)
 
 
 def _errors(described: dict[int, str]) -> dict[int, dict[str, Any]]:
@@ -218,8 +260,12 @@ class FinishedViews:
 
 
 def _seeds(params: GenerateRequest) -> list[int]:
-    """`seed, seed+1, ...` when the client fixed one; otherwise fresh random seeds (reported in seed_value)."""
+    """`seed, seed+1, ...` when the client fixed one, or upstream's list of one seed per output (-1 or a missing one
+    random); otherwise fresh random seeds (reported in seed_value)."""
     n = params.num_outputs
+    if isinstance(params.seed, list):
+        chosen = [] if params.use_random_seed else params.seed
+        return [chosen[i] if i < len(chosen) and chosen[i] >= 0 else secrets.randbelow(MAX_SEED + 1) for i in range(n)]
     if params.use_random_seed or params.seed < 0:
         return [secrets.randbelow(MAX_SEED + 1) for _ in range(n)]
     return [params.seed + i for i in range(n)]
@@ -242,6 +288,7 @@ class Ingress:
         self.can_cover_from_source = has_parts(args.model, COVER_FROM_SOURCE_PARTS)
         self.allowed_inputs = [Path(d).resolve() for d in args.files.allowed_input_dirs]
         self.finished = FinishedViews(args.queue.retention_s)
+        self.models_loaded = False  # every stage has loaded its model (`_models_loaded`)
 
     # -- endpoints ------------------------------------------------------------------------------------------------
     @api.post("/v1/music/generate", openapi_extra={"requestBody": _REQUEST_BODY}, responses={
@@ -259,18 +306,27 @@ class Ingress:
                    422: "A value out of range or of the wrong type, or over this server's limits",
                    429: "Queue full; retry after Retry-After seconds"}), **_AUTH, **_REGISTRY})
     async def generate(self, request: Request) -> JSONResponse:
-        raw, uploads = await self._parse_body(request)
+        answer = await self._submit(request, *await self._parse_body(request))
+        return JSONResponse({k: answer[k] for k in ("job_id", "status", "queue_position")})
+
+    async def _submit(self, request: Request, raw: dict[str, Any], uploads: dict[str, Upload],
+                      check: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Both APIs' submit: `check` the raw body (a route's own rules), validate, check limits and inputs, store the
+        uploads, enqueue; the registry's answer (`job_id`, `status`, `queue_position`). Errors raise, and each route
+        answers them in its shape (`_error_at`). Closes the uploads."""
         try:
-            return await self._submit(request, raw, uploads)
+            if check is not None:
+                check(raw)
+            return await self._enqueue(request, raw, uploads)
         finally:
             for upload in uploads.values():
                 upload.close()
 
-    async def _submit(self, request: Request, raw: dict[str, Any], uploads: dict[str, Upload]) -> JSONResponse:
+    async def _enqueue(self, request: Request, raw: dict[str, Any], uploads: dict[str, Upload]) -> dict[str, Any]:
         try:
             params = GenerateRequest.model_validate(normalize_payload(raw))
         except ValidationError as exc:
-            return _error(*describe_validation_error(exc))
+            raise HTTPException(*describe_validation_error(exc)) from None
         self._check_limits(params)
         idempotency = _idempotency(request, params, uploads)
         job_id = str(uuid.uuid4())
@@ -298,10 +354,11 @@ class Ingress:
         if stored and (not answer["accepted"] or answer.get("duplicate")):  # refused, or the key's job exists
             await asyncio.to_thread(self.uploads.delete_job, job_id)
         if "conflict" in answer:
-            return _error(409, f"Idempotency-Key already used for job {answer['conflict']} with a different request")
+            raise HTTPException(409, f"Idempotency-Key already used for job {answer['conflict']} with a different "
+                                     f"request")
         if not answer["accepted"]:
-            return _error(429, "Server busy: queue is full", {"Retry-After": str(answer["retry_after_s"])})
-        return JSONResponse({k: answer[k] for k in ("job_id", "status", "queue_position")})
+            raise HTTPException(429, "Server busy: queue is full", {"Retry-After": str(answer["retry_after_s"])})
+        return answer
 
     def _store_upload(self, key: str, path: Path) -> None:
         with path.open("rb") as handle:
@@ -337,7 +394,7 @@ class Ingress:
         return JSONResponse(await self.registry.call("view", job_id))
 
     @api.get("/v1/audio", response_class=Response, responses={
-        200: {"description": "The audio file", "content": {"audio/mpeg": {}, "audio/wav": {}, "audio/flac": {}}},
+        200: {"description": "The audio file", "content": {media: {} for media in MEDIA_TYPES.values()}},
         **_errors({403: "Not a result of this service", 404: "Audio file not found",
                    422: "Missing or too long `path`"}), **_AUTH})
     async def audio(self, path: str = Query(..., max_length=256)) -> Response:
@@ -350,36 +407,117 @@ class Ingress:
         data = await asyncio.to_thread(self.store.get, path)
         return _error(404, "Audio file not found") if data is None else Response(data, media_type=mime)
 
-    @api.get("/health")
-    async def health(self) -> dict[str, str]:
-        return {"status": "ok", "service": "ACE-Step API", "version": "1.0"}
+    # Paths both APIs share answer in one shape: the seed API's fields, and upstream v2's envelope beside them.
+    @api.get("/health", responses={200: {"model": upstream_api.HealthResponse, "description": "Alive"}})
+    async def health(self) -> JSONResponse:
+        """Liveness (no key needed). `data` is upstream v2's health record: `models_initialized` says whether every
+        stage has loaded its model (`/readyz` is the readiness probe)."""
+        seed = {"status": "ok", "service": "ACE-Step API", "version": "1.0"}
+        data = {**seed, "models_initialized": await self._models_loaded(), "llm_initialized": False,
+                "loaded_model": self.args.model.name, "loaded_lm_model": None}
+        return JSONResponse(upstream_api.shared(seed, data))
 
     @api.get("/readyz", responses={200: {"model": ReadyResponse, "description": "Ready"},
                                    **_errors({503: "A stage has no ready replica"})})
     async def readyz(self) -> JSONResponse:
         """200 once every stage has a replica that loaded its model and ran a warm-up step; 503 before."""
-        names = list(self.stages)
-        answers = await asyncio.gather(*(asyncio.wait_for(self.stages[n].ready.remote(), 2.0) for n in names),
-                                       return_exceptions=True)
-        missing = [n for n, ok in zip(names, answers) if ok is not True]
+        missing = await self._not_ready(2.0)
         if missing:
             return _error(503, f"not ready: {', '.join(missing)}")
-        return JSONResponse({"status": "ready", "stages": names})
+        self.models_loaded = True
+        return JSONResponse({"status": "ready", "stages": list(self.stages)})
 
-    @api.get("/v1/models", responses={**_AUTH})
-    async def models(self) -> dict[str, Any]:
+    @api.get("/v1/models", responses={200: {"model": upstream_api.ModelsResponse, "description": "The models"},
+                                      **_AUTH})
+    async def models(self) -> JSONResponse:
         name = self.args.model.name
-        return {"models": [{"name": name, "is_default": True}], "default_model": name}
+        seed = {"models": [{"name": name, "is_default": True}], "default_model": name}
+        return JSONResponse(upstream_api.shared(seed, seed))
 
-    @api.get("/v1/stats", responses={**_AUTH, **_REGISTRY})
-    async def stats(self) -> dict[str, Any]:
-        """Upstream HEAD's counts, plus running replicas per deployment of this application."""
+    @api.get("/v1/stats", responses={200: {"model": upstream_api.StatsResponse, "description": "Counts"},
+                                     **_AUTH, **_REGISTRY})
+    async def stats(self) -> JSONResponse:
+        """Upstream HEAD's counts, plus running replicas per deployment of this application; `data` holds upstream
+        v2's counts."""
         stats = await self.registry.call("stats")
         app = serve.get_replica_context().app_name
         status = await asyncio.to_thread(serve.status)
         deployments = status.applications[app].deployments if app in status.applications else {}
         stats["replicas"] = {name: d.replica_states.get("RUNNING", 0) for name, d in deployments.items()}
-        return stats
+        data = {key: stats[key] for key in ("jobs", "queue_size", "queue_maxsize", "avg_job_seconds")}
+        return JSONResponse(upstream_api.shared(stats, data))
+
+    async def _not_ready(self, timeout_s: float) -> list[str]:
+        """The stages without a replica that loaded its model and ran a warm-up step."""
+        names = list(self.stages)
+        answers = await asyncio.gather(*(asyncio.wait_for(self.stages[n].ready.remote(), timeout_s) for n in names),
+                                       return_exceptions=True)
+        return [n for n, ok in zip(names, answers) if ok is not True]
+
+    async def _models_loaded(self) -> bool:
+        """Whether every stage has loaded its model; once true, remembered (models are not unloaded; a replica that
+        dies is `/readyz`'s to report), so a probe of `/health` costs no stage calls."""
+        if not self.models_loaded:
+            self.models_loaded = not await self._not_ready(0.5)
+        return self.models_loaded
+
+    # -- upstream ACE-Step 1.5's current API ("v2"): the same jobs, in its envelope (deployments/upstream_api.py) --
+    @api.post("/release_task", openapi_extra={"requestBody": _RELEASE_TASK_BODY}, responses={
+        200: {"model": upstream_api.ReleaseTaskResponse, "description": "Queued: poll it with /query_result"},
+        **_errors({400: "Bad input: malformed body, unknown choice (audio_format, task_type, model), unreadable "
+                        "audio, a task without the audio it needs, a parameter needing upstream's language model",
+                   403: "A *_audio_path outside the allowed input directories",
+                   409: "Idempotency-Key already used with a different request",
+                   413: "Body, upload or *_audio_path file over the limit",
+                   415: "Unsupported Content-Type",
+                   422: "A value out of range or of the wrong type, or over this server's limits",
+                   429: "Queue full; retry after Retry-After seconds"}), **_AUTH, **_REGISTRY})
+    async def release_task(self, request: Request) -> JSONResponse:
+        """Upstream v2's submit: the parameters of `POST /v1/music/generate` under upstream's names (`prompt`,
+        `duration`, `keyscale`, camelCase, nested `metas`, `seed` as "11,12", uploads `ref_audio`/`ctx_audio`).
+        Errors come in the envelope, `code` = the HTTP status, `error` = `detail`."""
+        answer = await self._submit(request, *await self._parse_authorized(request), upstream_api.check_supported)
+        return JSONResponse(upstream_api.envelope(upstream_api.submitted(answer)))
+
+    @api.post("/query_result", openapi_extra={"requestBody": _QUERY_RESULT_BODY}, responses={
+        200: {"model": upstream_api.QueryResultResponse, "description": "One item per asked id, in order"},
+        **_errors({400: "task_id_list is not a JSON array of ids, or has too many", 413: "Body over the limit",
+                   415: "Unsupported Content-Type"}), **_AUTH, **_REGISTRY})
+    async def query_result(self, request: Request) -> JSONResponse:
+        """Upstream v2's poll of any jobs, submitted by either API: status 0 queued or running, 1 succeeded, 2 failed,
+        canceled or unknown; `result` a JSON string of per-file items."""
+        raw, uploads = await self._parse_authorized(request)
+        for upload in uploads.values():
+            upload.close()
+        task_ids = upstream_api.parse_task_ids(raw.get("task_id_list"))
+        known = [task_id for task_id in task_ids if len(task_id) <= 64]  # longer ones were never ids of ours
+        views = dict(zip(known, await self.registry.call("views", known))) if known else {}
+        return JSONResponse(upstream_api.envelope([upstream_api.query_item(t, views.get(t)) for t in task_ids]))
+
+    @api.get("/v1/model_inventory", responses={
+        200: {"model": upstream_api.ModelInventoryResponse, "description": "The models"}, **_AUTH})
+    async def model_inventory(self) -> JSONResponse:
+        name = self.args.model.name
+        model = {"name": name, "is_default": True, "is_loaded": await self._models_loaded(),
+                 "supported_task_types": list(TASK_TYPES)}
+        return JSONResponse(upstream_api.envelope({"models": [model], "default_model": name, "lm_models": [],
+                                                   "loaded_lm_model": None, "llm_initialized": False}))
+
+    async def _parse_authorized(self, request: Request) -> tuple[dict[str, Any], dict[str, Upload]]:
+        """`_parse_body`, and where the middleware found no valid key in the header, the body's `ai_token` must be
+        one (upstream v2's routes); a client without a key learns nothing about its body."""
+        deferred = request.scope.get(BODY_TOKEN, False)
+        try:
+            raw, uploads = await self._parse_body(request)
+        except HTTPException:
+            if deferred:
+                raise _unauthorized() from None
+            raise
+        if deferred and not _key_ok(raw.get("ai_token")):
+            for upload in uploads.values():
+                upload.close()
+            raise _unauthorized()
+        return raw, uploads
 
     # -- request parsing ------------------------------------------------------------------------------------------
     async def _parse_body(self, request: Request) -> tuple[dict[str, Any], dict[str, Upload]]:

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
 
 TASK_TYPES = ("text2music", "cover", "repaint")
-AUDIO_FORMATS = ("mp3", "wav", "flac")
+AUDIO_FORMATS = ("mp3", "wav", "flac", "opus", "aac", "wav32")  # written as models.audio_io.FORMATS says
+# MPEG-1 Layer III bitrates (kbps) from 64: a 48 kHz frame at 32-56 kbps has no room for LAME's Info tag, without
+# which decoders keep the encoder's delay and padding (about 1,500 samples more than the requested duration).
+MP3_BITRATES = (64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
 MAX_SEED = 2**31 - 1
+Seed = Annotated[int, Field(ge=-1, le=MAX_SEED)]
 
 # Canonical name -> other keys upstream L (and HEAD) accepted for it, tried in this order after the canonical one.
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -26,7 +31,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "reference_audio_path": ("ref_audio_path", "referenceAudioPath", "refAudioPath"),
     "src_audio_path": ("ctx_audio_path", "sourceAudioPath", "srcAudioPath", "ctxAudioPath"),
     "task_type": ("taskType",),
-    "audio_cover_strength": ("audioCoverStrength",),
+    "audio_cover_strength": ("audioCoverStrength", "cover_strength", "coverStrength"),
     "repainting_start": ("repaintingStart",),
     "repainting_end": ("repaintingEnd",),
     "model": ("dit_model", "ditModel", "model_name", "modelName"),
@@ -37,7 +42,9 @@ NESTED_KEYS = ("metas", "meta", "metadata", "user_metadata", "userMetadata")
 CHOICE_FIELDS = {"audio_format", "task_type", "model"}
 NUMBER_FIELDS = ("bpm", "audio_duration", "inference_steps", "guidance_scale", "shift", "cfg_interval_start",
                  "cfg_interval_end", "seed", "batch_size", "repainting_start", "repainting_end",
-                 "audio_cover_strength", "timesteps")
+                 "audio_cover_strength", "timesteps", "mp3_bitrate")
+_INTEGER = TypeAdapter(int)
+_SEED = TypeAdapter(Seed)
 
 
 class GenerateRequest(BaseModel):
@@ -48,7 +55,13 @@ class GenerateRequest(BaseModel):
     caption: str = Field("", max_length=4096, description="Music description prompt.")
     lyrics: str = Field("", max_length=16384, description="Lyrics; empty for instrumental.")
     vocal_language: str = Field("en", max_length=16, description="Lyrics language code (en, zh, ja, ...).")
-    audio_format: Literal[AUDIO_FORMATS] = Field("mp3", description="Output file format.")
+    audio_format: Literal[AUDIO_FORMATS] = Field("mp3", description=(
+        "Output file format: mp3 (audio/mpeg), wav (16-bit PCM, audio/wav), flac (16-bit, audio/flac), opus (Ogg "
+        "Opus, .opus, audio/ogg; codecs=opus), aac (ADTS AAC-LC, .aac, audio/aac) or wav32 (32-bit float, .wav, "
+        "audio/wav)."))
+    mp3_bitrate: Literal[MP3_BITRATES] | None = Field(None, description=(
+        "MP3 bitrate in kbps, constant (CBR): " + ", ".join(map(str, MP3_BITRATES)) + ". Null: variable bitrate at "
+        "LAME's default quality (V4, about 165 kbps on average), as before. Formats other than mp3 ignore it."))
     bpm: int | None = Field(None, ge=30, le=300, description="Tempo in beats per minute.")
     key_scale: str = Field("", max_length=64, description='Key and scale, e.g. "C Major".')
     time_signature: str = Field("", max_length=16, description='Time signature, e.g. "4".')
@@ -63,7 +76,9 @@ class GenerateRequest(BaseModel):
     cfg_interval_start: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False, description="Guidance from here.")
     cfg_interval_end: float = Field(1.0, ge=0.0, le=1.0, allow_inf_nan=False, description="Guidance up to here.")
     use_random_seed: bool = Field(True, description="Draw random seeds; false uses `seed`, `seed+1`, ...")
-    seed: int = Field(-1, ge=-1, le=MAX_SEED, description="First seed when use_random_seed is false; -1: random.")
+    seed: Seed | list[Seed] = Field(-1, description=(
+        "First seed when use_random_seed is false (then `seed`, `seed+1`, ... per output); -1: random. Or upstream's "
+        "list, as a JSON array or comma-separated text (\"11,12\"): one seed per output, -1 or a missing one random."))
     batch_size: int | None = Field(None, ge=1, le=8, description="Number of outputs (null: 2).")
     reference_audio_path: str | None = Field(None, max_length=4096, description=(
         "Server-side reference audio for timbre (cover); must lie in an allowed input directory."))
@@ -85,6 +100,17 @@ class GenerateRequest(BaseModel):
     def _lowercase(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
+    @field_validator("mp3_bitrate", mode="before")
+    @classmethod
+    def _bitrate_text(cls, value: Any) -> Any:
+        """A form field's "192" is the number 192, read as any integer field reads text (a Literal takes no text)."""
+        if isinstance(value, str):
+            try:
+                return _INTEGER.validate_python(value)
+            except ValidationError:
+                pass  # the Literal refuses it, listing the bitrates
+        return value
+
     @field_validator(*NUMBER_FIELDS, mode="before")
     @classmethod
     def _no_booleans(cls, value: Any) -> Any:
@@ -92,6 +118,25 @@ class GenerateRequest(BaseModel):
         if isinstance(value, bool) or (isinstance(value, list) and any(isinstance(v, bool) for v in value)):
             raise ValueError("must be a number, not a boolean")
         return value
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed_list(cls, value: Any) -> Any:
+        """Upstream's one seed per output, "11,12" or [11, 12]; each checked here, so an error says which one."""
+        if isinstance(value, str) and "," in value:
+            value = [part.strip() for part in value.split(",")]
+        if not isinstance(value, list):
+            return value
+        seeds = []
+        for number, part in enumerate(value, 1):
+            try:
+                if isinstance(part, bool):
+                    raise ValueError("must be a number, not a boolean")
+                seeds.append(-1 if part == "" else _SEED.validate_python(part))  # upstream: "" is a random one
+            except (ValueError, ValidationError) as exc:
+                why = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
+                raise ValueError(f"entry {number} of {len(value)}, {part!r}: {why}") from None
+        return seeds
 
     @field_validator("timesteps", mode="before")
     @classmethod
@@ -115,6 +160,9 @@ class GenerateRequest(BaseModel):
         if self.repainting_end is not None and self.repainting_end <= self.repainting_start:
             raise ValueError(f"repainting_end ({self.repainting_end}) must be greater than repainting_start "
                              f"({self.repainting_start})")
+        if isinstance(self.seed, list) and len(self.seed) > self.num_outputs:
+            raise ValueError(f"seed lists {len(self.seed)} seeds for {self.num_outputs} outputs; send batch_size "
+                             f"{len(self.seed)}, or fewer seeds")
         if self.cfg_interval_start > self.cfg_interval_end:
             raise ValueError(f"cfg_interval_start ({self.cfg_interval_start}) must be <= cfg_interval_end "
                              f"({self.cfg_interval_end})")
@@ -145,7 +193,7 @@ def normalize_payload(raw: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in GenerateRequest.model_fields:
         for source in (raw, nested):
-            for key in (name, *ALIASES.get(name, ())):
+            for key in (name, *ALIASES.get(name, ()), to_camel(name)):  # camelCase of every field, as upstream
                 value = source.get(key)
                 if value is not None and value != "":
                     out[name] = value
@@ -158,7 +206,8 @@ def normalize_payload(raw: Mapping[str, Any]) -> dict[str, Any]:
 def describe_validation_error(error: ValidationError) -> tuple[int, str]:
     """(status, one-line detail) naming the field and the value it got."""
     first = error.errors()[0]
-    field = ".".join(str(part) for part in first["loc"]) or "body"
+    # The field and list indexes; not the member of a union that failed (seed: "constrained-int").
+    field = ".".join(str(p) for i, p in enumerate(first["loc"]) if i == 0 or isinstance(p, int)) or "body"
     message = first["msg"].removeprefix("Value error, ")
     status = 400 if first["loc"] and first["loc"][0] in CHOICE_FIELDS else 422
     if first["type"] in ("missing",) or not first["loc"]:
@@ -237,6 +286,8 @@ _BOOLEAN_TEXT = {"type": "string", "pattern": "^(" + "|".join(_any_case(w) for w
 def _lenient(option: dict[str, Any]) -> list[dict[str, Any]]:
     """`option` and the other spellings of it that the server accepts."""
     kind = option.get("type")
+    if "enum" in option and kind == "integer":  # mp3_bitrate: also as text, as any number
+        return [option, _NUMBER_TEXT]
     if "enum" in option:  # audio_format, task_type: stripped and lower-cased first
         space = r"[\s\x1c-\x1f\x85]*"  # what str.strip() removes
         words = "|".join(_any_case(v) for v in option["enum"])

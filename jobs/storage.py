@@ -1,4 +1,4 @@
-"""`ResultStore`: generated audio by key `<job_id>/<index>.<fmt>` under one root, and nothing else; `UploadStore`:
+"""`ResultStore`: generated audio by key `<job_id>/<index>.<extension>` under one root, and nothing else; `UploadStore`:
 uploaded input audio by key `<job_id>/<field>`, the same way.
 
 The root is a local directory or an fsspec URL (`s3://bucket/prefix`, `gs://...`), so that an ingress replica on any
@@ -19,7 +19,8 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 _CHUNK = 1024 * 1024
-_KEY = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}/[0-9]{1,3}\.(mp3|wav|flac)$")
+_KEY = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}/[0-9]{1,3}"
+                  r"\.(mp3|wav|flac|opus|aac)$")  # the extensions of models.audio_io.FORMATS
 
 
 class ResultStore:
@@ -36,8 +37,8 @@ class ResultStore:
         self.fs.makedirs(self.root, exist_ok=True)
 
     @staticmethod
-    def key(job_id: str, index: int, fmt: str) -> str:
-        return f"{job_id}/{index}.{fmt}"
+    def key(job_id: str, index: int, extension: str) -> str:
+        return f"{job_id}/{index}.{extension}"
 
     @staticmethod
     def url(key: str) -> str:

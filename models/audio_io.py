@@ -1,17 +1,42 @@
-"""Audio files in and out: decode uploads with soundfile and resample with torchaudio; encode mp3 / wav / flac."""
+"""Audio files in and out: decode uploads with soundfile and resample with torchaudio; encode the output formats,
+mp3 / wav / flac / Ogg Opus / 32-bit float WAV with soundfile (libsndfile) and ADTS AAC with PyAV (FFmpeg)."""
 
 from __future__ import annotations
 
 import io
 import wave
+from dataclasses import dataclass
 from pathlib import Path
 
+import av
 import numpy as np
 import soundfile as sf
 import torch
 import torchaudio
 
-FORMATS = {"mp3": ("MP3", "audio/mpeg"), "wav": ("WAV", "audio/wav"), "flac": ("FLAC", "audio/flac")}
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """How one `audio_format` is written and served."""
+
+    extension: str  # of the result file, `<job_id>/<index>.<extension>`
+    media_type: str  # the Content-Type it is served with
+    container: str  # soundfile's `format`, or for aac PyAV's muxer
+    subtype: str | None = None  # soundfile's `subtype`
+
+
+FORMATS = {
+    "mp3": OutputFormat("mp3", "audio/mpeg", "MP3", "MPEG_LAYER_III"),
+    "wav": OutputFormat("wav", "audio/wav", "WAV", "PCM_16"),
+    "flac": OutputFormat("flac", "audio/flac", "FLAC", "PCM_16"),
+    # An Ogg Opus file is audio/ogg, the codecs parameter naming what is inside (RFC 7845 section 9).
+    "opus": OutputFormat("opus", "audio/ogg; codecs=opus", "OGG", "OPUS"),
+    # ADTS: bare AAC frames, each with its own header (the .aac of FFmpeg and of upstream).
+    "aac": OutputFormat("aac", "audio/aac", "adts"),
+    "wav32": OutputFormat("wav", "audio/wav", "WAV", "FLOAT"),
+}
+MEDIA_TYPES = {output.extension: output.media_type for output in FORMATS.values()}  # by extension, for /v1/audio
+AAC_BITS_PER_CHANNEL = 96_000  # 192 kbps for stereo, where FFmpeg's AAC encoder would default to 128 kbps
 
 
 class AudioDecodeError(ValueError):
@@ -108,12 +133,58 @@ def _wav_declared_frames(source: str | Path | bytes) -> int:
         return 0
 
 
-def encode_audio(waveform: np.ndarray, sample_rate: int, fmt: str) -> bytes:
-    """`(channels, samples)` float in [-1, 1] -> file bytes in `fmt` (soundfile's default subtype per format)."""
+def encode_audio(waveform: np.ndarray, sample_rate: int, fmt: str, mp3_bitrate: int | None = None) -> bytes:
+    """`(channels, samples)` float -> file bytes in `fmt`, a key of `FORMATS`.
+
+    Samples are clipped to [-1, 1], except in wav32: a float file keeps the decoder's samples as they are.
+    `mp3_bitrate` (kbps) makes an mp3 constant-bitrate; None keeps libsndfile's default for mp3, LAME's variable
+    bitrate at its default quality (V4). Other formats ignore it.
+    """
+    output = FORMATS[fmt]
+    if fmt != "wav32":
+        waveform = np.clip(waveform, -1.0, 1.0)
+    waveform = np.asarray(waveform, dtype=np.float32)
+    if fmt == "aac":
+        return _encode_aac(waveform, sample_rate, output.container)
+    options = _mp3_constant_bitrate(mp3_bitrate, sample_rate) if fmt == "mp3" and mp3_bitrate is not None else {}
     buffer = io.BytesIO()
-    sf.write(buffer, np.clip(waveform, -1.0, 1.0).T, sample_rate, format=FORMATS[fmt][0])
+    sf.write(buffer, waveform.T, sample_rate, format=output.container, subtype=output.subtype, **options)
     return buffer.getvalue()
 
 
-def media_type(fmt: str) -> str:
-    return FORMATS[fmt][1]
+def _mp3_constant_bitrate(kbps: int, sample_rate: int) -> dict:
+    """soundfile's options for an MP3 at a constant `kbps`.
+
+    libsndfile sets a CBR bitrate from the compression level c in [0, 1] as `(int) (320 - c * 288)` kbps for MPEG-1
+    (32 kHz and up; mpeg_l3_encode.c): c is chosen half a kbps short of `kbps`, so that the cast lands on it whatever
+    the rounding (and stays below 1, which the VBR mode soundfile sets it in first refuses).
+    """
+    if sample_rate < 32000:
+        raise ValueError(f"mp3_bitrate needs a sample rate of 32 kHz or more (MPEG-1), not {sample_rate} Hz")
+    if not 32 <= kbps <= 320:
+        raise ValueError(f"mp3_bitrate must be 32 to 320 kbps, not {kbps}")
+    return {"bitrate_mode": "CONSTANT", "compression_level": max(0.0, (320 - kbps - 0.5) / 288)}
+
+
+def _encode_aac(waveform: np.ndarray, sample_rate: int, muxer: str) -> bytes:
+    """AAC-LC by FFmpeg's native encoder through PyAV, in `muxer`'s container.
+
+    An ADTS stream cannot say how many samples to drop, so a decoder returns the encoder's 1024 priming samples
+    (21 ms at 48 kHz) first and the last frame padded to 1024 samples: 1024 to 2047 samples more than were written.
+    """
+    channels = waveform.shape[0]
+    layout = {1: "mono", 2: "stereo"}[channels]  # what the VAE gives (mp3 takes no more either)
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format=muxer) as container:
+        stream = container.add_stream("aac", rate=sample_rate, layout=layout)
+        stream.codec_context.bit_rate = AAC_BITS_PER_CHANNEL * channels
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(waveform), format="fltp", layout=layout)
+        frame.sample_rate = sample_rate
+        container.mux(stream.encode(frame))  # PyAV cuts the frame into the encoder's 1024-sample frames
+        container.mux(stream.encode(None))
+    return buffer.getvalue()
+
+
+def media_type(extension: str) -> str:
+    """The Content-Type of a result file, from its extension (wav and wav32 share .wav and audio/wav)."""
+    return MEDIA_TYPES[extension]

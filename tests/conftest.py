@@ -8,6 +8,7 @@ import os
 import socket
 import time
 
+import av
 import numpy as np
 import pytest
 import soundfile as sf
@@ -96,6 +97,38 @@ def wav_bytes(seconds: float = 1.0, sample_rate: int = 44100, channels: int = 1,
     buffer = io.BytesIO()
     sf.write(buffer, data, sample_rate, format=fmt)
     return buffer.getvalue()
+
+
+# Samples a decoder returns beyond those written, (least, most): mp3 (libsndfile's decoder reads LAME's Info tag) and
+# Ogg Opus (the pre-skip and the last granule position) are trimmed exactly; ADTS AAC cannot say what to trim, so the
+# encoder's 1024 priming samples come first and the last frame is padded to a whole 1024.
+EXTRA_SAMPLES = {"mp3": (0, 0), "wav": (0, 0), "flac": (0, 0), "opus": (0, 0), "aac": (1024, 2047), "wav32": (0, 0)}
+
+
+def decode_audio(data: bytes, fmt: str) -> tuple[np.ndarray, int]:
+    """A result file's float32 `(channels, samples)` and sample rate: PyAV (FFmpeg) for aac, soundfile for the rest."""
+    if fmt == "aac":
+        with av.open(io.BytesIO(data)) as container:
+            rate = container.streams.audio[0].rate
+            audio = np.concatenate([frame.to_ndarray() for frame in container.decode(audio=0)], axis=1)
+        return audio, rate
+    audio, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    return audio.T, rate
+
+
+MP3_KBPS = (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)  # MPEG-1 Layer III, by bitrate index
+
+
+def mp3_frame_bitrates(data: bytes) -> tuple[list[int], bytes]:
+    """Each frame's bitrate (kbps), read from the MPEG-1 Layer III 48 kHz frame headers, and the first frame (where
+    LAME writes its Xing tag for VBR, Info for CBR). Every byte must be a frame's, bar an ID3v1 trailer."""
+    rates, start = [], 0
+    while start + 4 <= len(data) and data[start] == 0xFF and data[start + 1] & 0xFE == 0xFA:
+        assert data[start + 2] >> 2 & 3 == 1, "not 48 kHz"
+        rates.append(MP3_KBPS[data[start + 2] >> 4])
+        start += 144 * rates[-1] * 1000 // 48000 + (data[start + 2] >> 1 & 1)
+    assert data[start:] in (b"", data[-128:]) and data[start:start + 3] in (b"", b"TAG"), f"junk at byte {start}"
+    return rates, data[: 144 * rates[0] * 1000 // 48000]
 
 
 @pytest.fixture(scope="session")

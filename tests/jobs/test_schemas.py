@@ -44,12 +44,28 @@ def test_form_strings_are_coerced():
     assert r.timesteps == [1.0, 0.5, 0.2]
 
 
+def test_output_formats_and_mp3_bitrate():
+    assert parse({}).mp3_bitrate is None  # variable bitrate, as before the field existed
+    assert [parse({"audio_format": f}).audio_format for f in (" OPUS", "aac", "Wav32")] == ["opus", "aac", "wav32"]
+    r = parse({"audio_format": "mp3", "mp3_bitrate": "192"})  # a form field's text
+    assert (r.audio_format, r.mp3_bitrate) == ("mp3", 192)
+    assert parse({"mp3_bitrate": 320.0}).mp3_bitrate == 320 and parse({"mp3_bitrate": ""}).mp3_bitrate is None
+
+
 def test_negative_repainting_end_means_until_the_end():
     assert parse({"repainting_end": -1}).repainting_end is None
 
 
 @pytest.mark.parametrize("raw,status,fragment", [
     ({"audio_format": "ogg"}, 400, 'audio_format: Input should be'),
+    ({"audio_format": "m4a"}, 400, "audio_format: Input should be 'mp3', 'wav', 'flac', 'opus', 'aac' or 'wav32' "
+                                   '(got "m4a")'),
+    ({"mp3_bitrate": 100}, 422, "mp3_bitrate: Input should be 64, 80, 96, 112, 128, 160, 192, 224, 256 or 320 "
+                                "(got 100)"),
+    ({"mp3_bitrate": "128k"}, 422, 'mp3_bitrate: Input should be 64, 80, 96, 112, 128, 160, 192, 224, 256 or 320 '
+                                   '(got "128k")'),
+    ({"mp3_bitrate": 32}, 422, "mp3_bitrate: Input should be 64,"),
+    ({"mp3_bitrate": True}, 422, "mp3_bitrate: must be a number, not a boolean"),
     ({"task_type": "extract"}, 400, "task_type"),
     ({"inference_steps": 0}, 422, "inference_steps: Input should be greater than or equal to 1 (got 0)"),
     ({"audio_duration": float("nan")}, 422, "audio_duration"),
@@ -69,3 +85,29 @@ def test_a_shift_the_schedule_cannot_take_is_refused(shift):
     with pytest.raises(ValidationError) as error:
         parse({"shift": shift})
     assert describe_validation_error(error.value)[0] == 422
+
+
+@pytest.mark.parametrize("seed,outputs,expected", [
+    ("11,12", 2, [11, 12]), ("11, -1", 2, [11, -1]), ("11,", 2, [11, -1]), ([5], 2, [5]), ("5", 2, 5),
+])
+def test_upstream_seed_lists_one_seed_per_output(seed, outputs, expected):
+    assert parse({"seed": seed, "batch_size": outputs}).seed == expected
+
+
+@pytest.mark.parametrize("raw,fragment", [
+    ({"seed": "1,x"}, "seed: entry 2 of 2, 'x'"),
+    ({"seed": [1, True]}, "seed: "),
+    ({"seed": "1,2,3", "batch_size": 2}, "seed lists 3 seeds for 2 outputs"),
+    ({"seed": "abc"}, 'seed: Input should be a valid integer, unable to parse string as an integer (got "abc")'),
+    ({"seed": "1,3000000000"}, "less than or equal to 2147483647"),
+])
+def test_bad_seed_lists_say_which_seed(raw, fragment):
+    with pytest.raises(ValidationError) as info:
+        parse(raw)
+    status, detail = describe_validation_error(info.value)
+    assert status == 422 and fragment in detail
+
+
+def test_camel_case_of_every_field_and_upstream_cover_strength():
+    r = parse({"cfgIntervalEnd": 0.5, "repaintingStart": 1, "cover_strength": 0.25, "vocalLanguage": "ja"})
+    assert (r.cfg_interval_end, r.repainting_start, r.audio_cover_strength, r.vocal_language) == (0.5, 1.0, 0.25, "ja")
