@@ -17,7 +17,7 @@ from deployments.dit import DiT
 from deployments.driver import JobDriver
 from deployments.ingress import Ingress
 from jobs.config import AuthConfig, FilesConfig, QueueConfig
-from models.loading import REQUIRED_PARTS, ModelConfig, check_checkpoint_dir
+from models.loading import REQUIRED_PARTS, ModelConfig, check_checkpoint_dir, model_variant
 
 
 class AppArgs(BaseModel):
@@ -67,6 +67,7 @@ def build_graph(args: dict[str, Any] | AppArgs | None = None,
         model = model.model_copy(update={"checkpoint_dir": envs.ACESTEP_CHECKPOINT_DIR})
     if model.checkpoint_dir:  # fail at deploy time, naming what is missing, rather than in every replica
         check_checkpoint_dir(model.checkpoint_dir, REQUIRED_PARTS)
+    model_variant(model)  # a `model.variant` the transformer config contradicts fails here, not in the ingress
     app_args = app_args.model_copy(update={"files": app_args.files.resolved(), "model": model})
     registry = (app_args.name, app_args.queue, app_args.files)
     sim = () if simulate is None else (simulate,)

@@ -36,7 +36,7 @@ from jobs.schemas import GenerateRequest
 from jobs.storage import ResultStore
 from models.condition import ConditionRequest
 from models.dit import DiTRequest
-from models.loading import ModelConfig, load_vae_config
+from models.loading import ModelConfig, audio_code_spec, load_vae_config
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class JobDriver:
         self.registry = RegistryClient(registry_name, queue, files)
         vae = load_vae_config(model)
         self.sample_rate, self.hop_length = int(vae["sampling_rate"]), math.prod(vae["downsampling_ratios"])
+        self.audio_codes = audio_code_spec(model)  # the ingress refuses codes when this is None
         self.driver_id = f"driver-{uuid.uuid4().hex[:12]}"
         self.running: set[asyncio.Task] = set()
         self.attempts: dict[str, Running] = {}
@@ -222,7 +223,9 @@ class JobDriver:
                     source, kind, seeds[0], attempt), f"encode_{kind}")
                 if kind == "source":
                     source_seconds = seconds
-        duration = request.audio_duration or source_seconds or self.queue.default_duration_s
+        # As the pipeline: audio codes set the length before a source does.
+        codes_seconds = len(request.audio_codes) * self.audio_codes.seconds_per_code if request.audio_codes else None
+        duration = request.audio_duration or codes_seconds or source_seconds or self.queue.default_duration_s
 
         # 2. Conditions, 3. sampling, 4. decode, encode and write the files (next to the decoder).
         condition_request = ConditionRequest(
@@ -231,7 +234,8 @@ class JobDriver:
             keyscale=request.key_scale or None, timesignature=request.time_signature or None,
             src_latents=latents_in.get("source"), reference_latents=latents_in.get("reference"),
             repainting_start=request.repainting_start, repainting_end=request.repainting_end,
-            audio_cover_strength=request.audio_cover_strength, tag=attempt)
+            audio_cover_strength=request.audio_cover_strength, track_name=request.track_name,
+            track_classes=request.track_classes, audio_codes=request.audio_code_string, tag=attempt)
         condition = await stage("condition", lambda company: self.condition.encode.remote(condition_request,
                                                                                            company))
         dit_request = DiTRequest(

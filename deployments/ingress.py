@@ -29,11 +29,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deployments import envs, upstream_api
 from deployments.logs import configure_replica_logging
 from jobs.registry import MAX_WAIT_S, TERMINAL, RegistryClient
-from jobs.schemas import (MAX_SEED, TASK_TYPES, ErrorResponse, GenerateRequest, JobSubmitted, JobView, ReadyResponse,
-                          describe_validation_error, generate_request_schema, normalize_payload)
+from jobs.schemas import (MAX_SEED, SOURCE_TASKS, ErrorResponse, GenerateRequest, JobSubmitted, JobView,
+                          ReadyResponse, describe_validation_error, generate_request_schema, normalize_payload)
 from jobs.storage import ResultStore, UploadStore
 from models.audio_io import MEDIA_TYPES, AudioDecodeError, AudioTooLongError, media_type, probe_audio
-from models.loading import COVER_FROM_SOURCE_PARTS, has_parts
+from models.loading import COVER_FROM_SOURCE_PARTS, VARIANT_TASKS, audio_code_spec, has_parts, model_variant
 
 if TYPE_CHECKING:
     from deployments.app import AppArgs
@@ -286,6 +286,9 @@ class Ingress:
         self.store = ResultStore(args.files.output_dir, args.files.storage_options)
         self.uploads = UploadStore(args.files.upload_dir, args.files.storage_options)
         self.can_cover_from_source = has_parts(args.model, COVER_FROM_SOURCE_PARTS)
+        self.variant = model_variant(args.model)  # turbo, sft or base: which task types the model serves
+        self.tasks = VARIANT_TASKS[self.variant]
+        self.audio_codes = audio_code_spec(args.model)  # None: the model cannot read audio codes
         self.allowed_inputs = [Path(d).resolve() for d in args.files.allowed_input_dirs]
         self.finished = FinishedViews(args.queue.retention_s)
         self.models_loaded = False  # every stage has loaded its model (`_models_loaded`)
@@ -298,7 +301,7 @@ class Ingress:
                         "CancelJob": {"operationId": "cancel_v1_jobs__job_id__cancel_post",
                                       "parameters": {"job_id": "$response.body#/job_id"}}}},
         **_errors({400: "Bad input: malformed body, unknown choice (audio_format, task_type, model), unreadable "
-                        "audio, a task without the audio it needs, a bad Idempotency-Key",
+                        "audio, a task the model does not serve or without the audio it needs, a bad Idempotency-Key",
                    403: "A *_audio_path outside the allowed input directories",
                    409: "Idempotency-Key already used with a different request",
                    413: "Body, upload or *_audio_path file over the limit",
@@ -335,7 +338,7 @@ class Ingress:
             inputs[field], seconds[field] = await self._input_audio(field, uploads.get(field),
                                                                     getattr(params, f"{field}_path"))
         self._check_task(params, inputs)
-        if params.audio_duration is None:  # the source's length is the job's
+        if params.audio_duration is None and not params.audio_code_string:  # the source's length is the job's
             self._check_cost(params, seconds["src_audio"])
         stored = [field for field in uploads if inputs.get(field)]
         try:
@@ -465,7 +468,8 @@ class Ingress:
     @api.post("/release_task", openapi_extra={"requestBody": _RELEASE_TASK_BODY}, responses={
         200: {"model": upstream_api.ReleaseTaskResponse, "description": "Queued: poll it with /query_result"},
         **_errors({400: "Bad input: malformed body, unknown choice (audio_format, task_type, model), unreadable "
-                        "audio, a task without the audio it needs, a parameter needing upstream's language model",
+                        "audio, a task the model does not serve or without the audio it needs, a parameter needing "
+                        "upstream's language model",
                    403: "A *_audio_path outside the allowed input directories",
                    409: "Idempotency-Key already used with a different request",
                    413: "Body, upload or *_audio_path file over the limit",
@@ -499,7 +503,7 @@ class Ingress:
     async def model_inventory(self) -> JSONResponse:
         name = self.args.model.name
         model = {"name": name, "is_default": True, "is_loaded": await self._models_loaded(),
-                 "supported_task_types": list(TASK_TYPES)}
+                 "supported_task_types": list(self.tasks)}
         return JSONResponse(upstream_api.envelope({"models": [model], "default_model": name, "lm_models": [],
                                                    "loaded_lm_model": None, "llm_initialized": False}))
 
@@ -590,6 +594,29 @@ class Ingress:
         self._check_cost(params, params.audio_duration)
         if params.model is not None and params.model != self.args.model.name:
             raise HTTPException(400, f"model: unknown model {params.model!r}; available: {[self.args.model.name]}")
+        if params.task_type not in self.tasks:
+            raise HTTPException(400, f"task_type: model {self.args.model.name!r} ({self.variant} variant) does not "
+                                     f"serve {params.task_type}; it serves {', '.join(self.tasks)}")
+        if params.audio_code_string:
+            self._check_audio_codes(params)
+
+    def _check_audio_codes(self, params: GenerateRequest) -> None:
+        """Codes the model can read (its audio tokenizer's codebook), and the audio they make within the limits: its
+        length is the codes' (the pipeline's), whatever `audio_duration` says."""
+        spec, name = self.audio_codes, self.args.model.name
+        if spec is None:
+            raise HTTPException(400, f"audio_code_string needs the checkpoint's audio_tokenizer and "
+                                     f"audio_token_detokenizer, which model {name!r} does not have")
+        codes = params.audio_codes
+        outside = next((code for code in codes if code >= spec.codebook_size), None)
+        if outside is not None:
+            raise HTTPException(422, f"audio_code_string: code {outside} is outside model {name!r}'s codebook "
+                                     f"(0 to {spec.codebook_size - 1})")
+        seconds = len(codes) * spec.seconds_per_code
+        if seconds > self.args.queue.max_duration_s:
+            raise HTTPException(422, f"audio_code_string: {len(codes)} codes make {seconds:g} s of audio, more than "
+                                     f"this server's {self.args.queue.max_duration_s:g} s")
+        self._check_cost(params, seconds)
 
     def _check_cost(self, params: GenerateRequest, seconds: float | None) -> None:
         """What the job costs the AudioCodec (outputs x seconds of audio) within what this server admits."""
@@ -600,11 +627,14 @@ class Ingress:
 
     def _check_task(self, params: GenerateRequest, inputs: dict[str, Any]) -> None:
         """What the task needs, and whether the loaded model can do it: a 400 now, not a failure inside a batch."""
-        if params.task_type == "repaint" and not inputs["src_audio"]:
-            raise HTTPException(400, "task_type repaint needs src_audio (upload) or src_audio_path")
-        if params.task_type == "cover" and not (inputs["src_audio"] or inputs["reference_audio"]):
-            raise HTTPException(400, "task_type cover needs src_audio or reference_audio (upload or *_path)")
-        if params.task_type == "cover" and inputs["src_audio"] and not self.can_cover_from_source:
+        if params.task_type in SOURCE_TASKS and not inputs["src_audio"]:
+            raise HTTPException(400, f"task_type {params.task_type} needs src_audio (upload) or src_audio_path")
+        if params.task_type == "cover" and not (inputs["src_audio"] or inputs["reference_audio"]
+                                                or params.audio_code_string):
+            raise HTTPException(400, "task_type cover needs src_audio or reference_audio (upload or *_path), or "
+                                     "audio_code_string")
+        if (params.task_type == "cover" and inputs["src_audio"] and not params.audio_code_string
+                and not self.can_cover_from_source):
             raise HTTPException(400, f"task_type cover from src_audio needs the checkpoint's audio_tokenizer and "
                                      f"audio_token_detokenizer, which model {self.args.model.name!r} does not have; "
                                      f"send reference_audio instead")

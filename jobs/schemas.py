@@ -4,18 +4,29 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Annotated, Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-TASK_TYPES = ("text2music", "cover", "repaint")
+# Every task diffusers' AceStepPipeline runs; which of them a model serves depends on its variant
+# (`models.loading.VARIANT_TASKS`), checked at submit.
+TASK_TYPES = ("text2music", "cover", "repaint", "lego", "extract", "complete")
+# Tasks that run on the source audio (`src_audio` upload or `src_audio_path`), as the pipeline's `src_audio`.
+SOURCE_TASKS = ("repaint", "lego", "extract", "complete")
+AUDIO_CODE = re.compile(r"<\|audio_code_(\d+)\|>")  # the 5 Hz LM's code tokens, as diffusers parses them
+MAX_AUDIO_CODES = 12_000  # 40 minutes at 5 Hz: far above any duration a server admits (checked at submit)
 AUDIO_FORMATS = ("mp3", "wav", "flac", "opus", "aac", "wav32")  # written as models.audio_io.FORMATS says
 # MPEG-1 Layer III bitrates (kbps) from 64: a 48 kHz frame at 32-56 kbps has no room for LAME's Info tag, without
 # which decoders keep the encoder's delay and padding (about 1,500 samples more than the requested duration).
 MP3_BITRATES = (64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
 MAX_SEED = 2**31 - 1
 Seed = Annotated[int, Field(ge=-1, le=MAX_SEED)]
+TrackName = Annotated[str, Field(min_length=1, max_length=64)]
+# The list first: its errors (which entry, why) are the ones reported for a list that fails both.
+AudioCodes = (Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_AUDIO_CODES)]
+              | Annotated[str, Field(max_length=MAX_AUDIO_CODES * 24)])
 
 # Canonical name -> other keys upstream L (and HEAD) accepted for it, tried in this order after the canonical one.
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -83,8 +94,21 @@ class GenerateRequest(BaseModel):
     reference_audio_path: str | None = Field(None, max_length=4096, description=(
         "Server-side reference audio for timbre (cover); must lie in an allowed input directory."))
     src_audio_path: str | None = Field(None, max_length=4096, description=(
-        "Server-side source audio (repaint, cover); must lie in an allowed input directory."))
-    task_type: Literal[TASK_TYPES] = Field("text2music", description="text2music, cover or repaint.")
+        "Server-side source audio (cover, repaint, lego, extract, complete); must lie in an allowed input directory."))
+    task_type: Literal[TASK_TYPES] = Field("text2music", description=(
+        "text2music, cover, repaint, lego, extract or complete. repaint, lego, extract and complete need source audio; "
+        "lego, extract and complete need a base model (each model's tasks: /v1/model_inventory)."))
+    track_name: TrackName | None = Field(None, description=(
+        'extract: the track to take out of the source audio; lego: the track to generate over it (e.g. "vocals", '
+        '"drums", "bass", "guitar"). Null: the task\'s generic instruction. Other tasks ignore it.'))
+    track_classes: list[TrackName] | None = Field(None, max_length=16, description=(
+        'complete: the tracks to add to the source audio, a list or comma-separated text ("drums, bass"). Null: the '
+        "task's generic instruction. Other tasks ignore it."))
+    audio_code_string: AudioCodes | None = Field(None, description=(
+        "5 Hz semantic audio codes (what upstream's language model writes): a string of `<|audio_code_N|>` tokens, "
+        "or a list of the integers N. The model's audio detokenizer turns them into the source latents, and their "
+        "count sets the length (5 codes a second); text2music with codes runs as cover. Needs a model with an audio "
+        "tokenizer and detokenizer; every N must be in its codebook."))
     instruction: str | None = Field(None, max_length=1024, description="DiT instruction; null: the task's own.")
     repainting_start: float = Field(0.0, ge=0.0, le=600.0, allow_inf_nan=False, description="Repaint from (s).")
     repainting_end: float | None = Field(None, le=600.0, allow_inf_nan=False, description=(
@@ -111,7 +135,7 @@ class GenerateRequest(BaseModel):
                 pass  # the Literal refuses it, listing the bitrates
         return value
 
-    @field_validator(*NUMBER_FIELDS, mode="before")
+    @field_validator(*NUMBER_FIELDS, "audio_code_string", mode="before")
     @classmethod
     def _no_booleans(cls, value: Any) -> Any:
         """JSON true/false is not a number: pydantic would read it as 1/0, which the published schema forbids."""
@@ -137,6 +161,36 @@ class GenerateRequest(BaseModel):
                 why = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
                 raise ValueError(f"entry {number} of {len(value)}, {part!r}: {why}") from None
         return seeds
+
+    @field_validator("track_classes", mode="before")
+    @classmethod
+    def _split_track_classes(cls, value: Any) -> Any:
+        """A form field's "drums, bass" is the list ["drums", "bass"]."""
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return value or None
+
+    @field_validator("audio_code_string")
+    @classmethod
+    def _canonical_audio_codes(cls, value: str | list[int] | None) -> str | None:
+        """One spelling for both forms: the token string the pipeline parses. Text other than the tokens (and
+        whitespace) is refused rather than skipped, as a list of no codes is absent."""
+        if value is None or value == []:
+            return None
+        if isinstance(value, str):
+            if AUDIO_CODE.sub("", value).strip():
+                raise ValueError("must be <|audio_code_N|> tokens only, or a list of integers")
+            value = [int(n) for n in AUDIO_CODE.findall(value)]
+        if not value:  # whitespace only
+            return None
+        if len(value) > MAX_AUDIO_CODES:
+            raise ValueError(f"at most {MAX_AUDIO_CODES} codes (got {len(value)})")
+        return "".join(f"<|audio_code_{n}|>" for n in value)
+
+    @property
+    def audio_codes(self) -> list[int]:
+        """The codes of `audio_code_string` (empty without)."""
+        return [int(n) for n in AUDIO_CODE.findall(self.audio_code_string or "")]
 
     @field_validator("timesteps", mode="before")
     @classmethod

@@ -3,6 +3,13 @@
 Runs the first half of `AceStepPipeline.__call__` (steps 1-5: encode_prompt, source latents, timbre reference,
 condition encoder, chunk mask) for a batch of independent requests, each with its own metadata, and returns per
 request exactly what a batch-of-one pipeline call would have built.
+
+The six task types differ only here, as in the pipeline: in the instruction (`_get_task_instruction`, with the track
+name of extract / lego and the track classes of complete) and in the context latents (`_context_latents`): text2music
+conditions on the silence latent; repaint on the source with silence inside the region, which the chunk mask marks;
+lego on the whole source, the chunk mask marking the region to generate; extract and complete on the whole source,
+the chunk mask all ones; cover on the source's quantized latents (audio tokenizer, then detokenizer), or on the
+detokenized `audio_codes` when a request carries them (a text2music request with codes runs as cover, as upstream).
 """
 
 from __future__ import annotations
@@ -40,7 +47,15 @@ class ConditionRequest:
     repainting_start: float | None = None
     repainting_end: float | None = None
     audio_cover_strength: float = 1.0
+    track_name: str | None = None  # extract / lego: the track, e.g. "vocals" (the pipeline's `track_name`)
+    track_classes: list[str] | None = None  # complete: the tracks to add (the pipeline's `complete_track_classes`)
+    audio_codes: str | None = None  # 5 Hz `<|audio_code_N|>` tokens (the pipeline's `audio_codes`)
     tag: str = ""  # the job id, for logs
+
+    @property
+    def task(self) -> str:
+        """The task as the pipeline runs it: with audio codes, text2music becomes cover."""
+        return "cover" if self.audio_codes and self.task_type == "text2music" else self.task_type
 
 
 @dataclass
@@ -81,9 +96,11 @@ class ConditionEngine:
                max_lyric_length: int = 2048) -> list[ConditionResult]:
         pipe, device, dtype = self.pipe, self.device, self.dtype
         # Rows to encode: every request once, plus a text2music row for covers blended with strength < 1.
-        rows = [(i, r.instruction or pipe._get_task_instruction(r.task_type)) for i, r in enumerate(requests)]
+        rows = [(i, r.instruction or pipe._get_task_instruction(task_type=r.task, track_name=r.track_name,
+                                                                complete_track_classes=r.track_classes))
+                for i, r in enumerate(requests)]
         rows += [(i, TASK_INSTRUCTIONS["text2music"]) for i, r in enumerate(requests)
-                 if r.task_type == "cover" and r.audio_cover_strength < 1.0]
+                 if r.task == "cover" and r.audio_cover_strength < 1.0]
 
         # 1. Encode prompts (AceStepPipeline.encode_prompt, but with per-request metadata). Pad on the right whatever
         #    the tokenizer declares (Qwen3-Embedding's says left): left padding would shift a shorter row's RoPE
@@ -129,15 +146,24 @@ class ConditionEngine:
                 for i in range(len(requests))]
 
     def _context_latents(self, request: ConditionRequest) -> np.ndarray:
-        """`cat([src_latents, chunk_mask], -1)` as `AceStepPipeline.__call__` steps 2 and 5 build it, batch of one."""
-        pipe, device, dtype = self.pipe, self.device, self.dtype
+        """`cat([src_latents, chunk_mask], -1)` as `AceStepPipeline.__call__` steps 2 and 5 build it, batch of one.
+
+        As there, audio codes take precedence over the source latents (which then only say that there was a source:
+        the repaint and lego regions apply), and set the length.
+        """
+        pipe, device, dtype, task = self.pipe, self.device, self.dtype, request.task
         acoustic_dim = pipe.condition_encoder.silence_latent.shape[-1]
         has_src = request.src_latents is not None
         latent_length = math.ceil(request.audio_duration * pipe.latents_per_second)
-        if has_src:
+        if request.audio_codes:
+            # The pipeline's own path: parse, FSQ indices -> quantizer output -> detokenizer (5 Hz -> 25 Hz). It raises
+            # when the model lacks the tokenizer or the detokenizer, or the string holds no code.
+            src_latents, latent_length = pipe.prepare_src_latents(device=device, dtype=dtype, batch_size=1,
+                                                                  audio_codes=request.audio_codes)
+        elif has_src:
             src_latents = torch.from_numpy(request.src_latents).to(device=device, dtype=dtype)[None]
             latent_length = src_latents.shape[1]
-            if request.task_type == "cover":
+            if task == "cover":
                 if pipe.audio_tokenizer is None or pipe.audio_token_detokenizer is None:
                     raise ValueError("cover from source audio needs the checkpoint's audio_tokenizer and "
                                      "audio_token_detokenizer")
@@ -148,10 +174,10 @@ class ConditionEngine:
             src_latents, latent_length = pipe.prepare_src_latents(device=device, dtype=dtype, batch_size=1,
                                                                   latent_length=latent_length)
         chunk_mask = pipe._build_chunk_mask(
-            task_type=request.task_type, latent_length=latent_length, batch_size=1, device=device, dtype=dtype,
+            task_type=task, latent_length=latent_length, batch_size=1, device=device, dtype=dtype,
             acoustic_dim=acoustic_dim, repainting_start=request.repainting_start,
             repainting_end=request.repainting_end, has_src_audio=has_src)
-        if request.task_type == "repaint" and has_src:
+        if task == "repaint" and has_src:
             silence_tiled, _ = pipe.prepare_src_latents(device=device, dtype=dtype, batch_size=1,
                                                         latent_length=latent_length)
             src_latents = torch.where(chunk_mask > 0.5, silence_tiled, src_latents)

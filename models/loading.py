@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +21,7 @@ from diffusers.pipelines.ace_step.modeling_ace_step import AceStepAudioTokenDeto
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoModel, AutoTokenizer
 
-from models.presets import PRESETS, build_preset
+from models.presets import FSQ_LEVELS, PRESETS, build_preset, part_config
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +37,16 @@ _LOADERS: dict[str, tuple[Any, bool]] = {
     "audio_token_detokenizer": (AceStepAudioTokenDetokenizer, False),
 }
 REQUIRED_PARTS = [part for part, (_, required) in _LOADERS.items() if required]
-# Cover from source audio quantizes the source through these (models.condition); without them only a reference works.
+# Cover from source audio quantizes the source through these (models.condition), and `audio_code_string` is turned
+# into source latents by them; without them cover works from a reference clip only, and audio codes not at all.
 COVER_FROM_SOURCE_PARTS = ["audio_tokenizer", "audio_token_detokenizer"]
+# Task types per model variant (upstream's model table): turbo (guidance distilled) and SFT checkpoints serve the first
+# three; base checkpoints also the track tasks. Turbo and sft differ in sampling (no CFG / CFG), not in tasks.
+VARIANT_TASKS: dict[str, tuple[str, ...]] = {
+    "turbo": ("text2music", "cover", "repaint"),
+    "sft": ("text2music", "cover", "repaint"),
+    "base": ("text2music", "cover", "repaint", "lego", "extract", "complete"),
+}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -67,6 +76,12 @@ class ModelConfig(BaseModel):
     checkpoint_dir: str | None = Field(None, description="Local diffusers-format ACE-Step 1.5 directory "
                                        "(transformer/, condition_encoder/, vae/, text_encoder/, tokenizer/, "
                                        "scheduler/). Overrides `preset`.")
+    variant: Literal["auto", "turbo", "sft", "base"] = Field("auto", description=(
+        "The ACE-Step variant the weights are, which decides the task types served: turbo and sft serve text2music, "
+        "cover and repaint; base also lego, extract and complete. `auto` reads the transformer config: `is_turbo` "
+        "(or model_version turbo) is turbo, model_version base or sft (also xl-base, xl-sft) says which; a non-turbo "
+        "checkpoint whose config says neither is taken as sft, the variant with fewer tasks, so set `base` for such "
+        "a base checkpoint. A variant that contradicts the config's is_turbo is a start-up error."))
     seed: int = Field(0, ge=0, description="Seed for the random init of a preset.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype (bf16 on GPU).")
     device: str = Field("auto", description="`auto` (cuda when available, else cpu), `cpu`, `cuda`, `cuda:N`.")
@@ -172,12 +187,67 @@ def save_components(components: dict[str, Any], directory: str | Path) -> Path:
     return Path(directory)
 
 
+def load_part_config(config: ModelConfig, part: str) -> dict[str, Any]:
+    """One part's config alone, without its weights: the preset's, or the checkpoint's `<part>/config.json`."""
+    if config.checkpoint_dir is None:
+        return part_config(config.preset, part)
+    root = check_checkpoint_dir(config.checkpoint_dir, [part])
+    if not (root / part).is_dir():
+        raise CheckpointError(f"checkpoint_dir {str(root)!r} has no {part}/")
+    return dict(_LOADERS[part][0].load_config(root, subfolder=part, local_files_only=True))
+
+
 def load_vae_config(config: ModelConfig) -> dict[str, Any]:
     """The VAE config alone: sample rate, hop and channels for stages that do not load the VAE weights."""
-    if config.checkpoint_dir is None:
-        return {**PRESETS[config.preset]["vae"]}
-    root = check_checkpoint_dir(config.checkpoint_dir, ["vae"])
-    return dict(AutoencoderOobleck.load_config(root, subfolder="vae", local_files_only=True))
+    return load_part_config(config, "vae")
+
+
+def model_variant(config: ModelConfig) -> str:
+    """`turbo`, `sft` or `base`: `model.variant`, or with `auto` what the transformer config says (see the field).
+
+    Turbo is decided as `AceStepPipeline` decides it (`is_turbo`, or model_version "turbo"), since that also decides
+    whether the DiT runs CFG; an explicit variant that contradicts it raises `CheckpointError`.
+    """
+    transformer = load_part_config(config, "transformer")
+    version = str(transformer.get("model_version") or "").strip().lower()
+    turbo = bool(transformer.get("is_turbo")) or version == "turbo"
+    if config.variant != "auto":
+        if (config.variant == "turbo") != turbo:
+            raise CheckpointError(f"model.variant {config.variant!r} contradicts {config.name}'s transformer config "
+                                  f"(is_turbo {transformer.get('is_turbo')!r}, model_version "
+                                  f"{transformer.get('model_version')!r})")
+        return config.variant
+    if turbo:
+        return "turbo"
+    named = version.replace("_", "-").rsplit("-", 1)[-1]  # "base", "xl-base", "xl_sft", ...
+    return named if named in ("base", "sft") else "sft"
+
+
+def supported_tasks(config: ModelConfig) -> tuple[str, ...]:
+    """The task types the configured model serves (`VARIANT_TASKS` of its variant)."""
+    return VARIANT_TASKS[model_variant(config)]
+
+
+@dataclass(frozen=True)
+class AudioCodeSpec:
+    """What the model's audio tokenizer and detokenizer make of `<|audio_code_N|>` codes."""
+
+    codebook_size: int  # codes are 0 .. codebook_size - 1 (the product of the FSQ levels)
+    frames_per_code: int  # latent frames the detokenizer expands one code into (its pool window)
+    seconds_per_code: float  # of audio: frames_per_code at the VAE's latent frame rate
+
+
+def audio_code_spec(config: ModelConfig) -> AudioCodeSpec | None:
+    """The model's audio codes, read from the configs; None when it lacks the tokenizer or the detokenizer."""
+    if not has_parts(config, COVER_FROM_SOURCE_PARTS):
+        return None
+    levels = load_part_config(config, "audio_tokenizer").get("fsq_input_levels") or FSQ_LEVELS  # diffusers' default
+    # AceStepPipeline reads the pool window with the same fallback.
+    frames = int(load_part_config(config, "audio_token_detokenizer").get("pool_window_size") or 5)
+    vae = load_vae_config(config)
+    latents_per_second = vae["sampling_rate"] / math.prod(vae["downsampling_ratios"])
+    return AudioCodeSpec(codebook_size=math.prod(levels), frames_per_code=frames,
+                         seconds_per_code=frames / latents_per_second)
 
 
 def pipeline_view(components: dict[str, Any], vae_config: dict[str, Any]):

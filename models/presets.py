@@ -8,6 +8,11 @@ checkpoints: 48 kHz stereo, a 1920-sample VAE hop (25 latent frames per second) 
 and depths shrink. `tiny` is the default: a few MB, seeded, noise-like audio, fast on any CPU; `tiny-base` is `tiny`
 with a base (CFG) DiT. The full-size presets (`turbo`, `base`, `xl-turbo`) instantiate the released shapes with random
 weights for GPU benchmarks.
+
+A preset's variant, hence the task types it serves (`models.loading.model_variant`), is read from its transformer
+config as a checkpoint's is: `is_turbo` / `model_version` "turbo" is turbo (text2music, cover, repaint), `model_version`
+"base" is base (all six tasks). So `tiny` and `small` serve what a turbo checkpoint serves, and `tiny-base` what a base
+one serves (lego, extract and complete too).
 """
 
 from __future__ import annotations
@@ -92,11 +97,26 @@ PRESETS: dict[str, dict[str, Any]] = {
                                       model_version="turbo"), **_FULL_CONDITIONING),
 }
 # `tiny` with a base (non-turbo) DiT, so that the pipeline and the DiT engine run CFG with APG guidance, the sampling
-# path of the base / SFT checkpoints. The flags build no other modules: same seed, same weights as `tiny`.
+# path of the base / SFT checkpoints, and the service offers the base variant's six task types. The flags build no
+# other modules: same seed, same weights as `tiny`.
 PRESETS["tiny-base"] = {**PRESETS["tiny"],
                         "transformer": {**PRESETS["tiny"]["transformer"], "is_turbo": False, "model_version": "base"}}
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>"]
+# The released checkpoints' FSQ levels (also diffusers' default): 8*8*8*5*5*5 = 64,000 audio codes.
+FSQ_LEVELS = [8, 8, 8, 5, 5, 5]
+
+
+def part_config(name: str, part: str) -> dict[str, Any]:
+    """What a preset builds one part from, as a checkpoint's `<part>/config.json` holds it: `transformer`,
+    `condition_encoder`, `vae`, `audio_tokenizer` or `audio_token_detokenizer`."""
+    cfg = PRESETS[name]
+    if part == "audio_tokenizer":
+        tokens = cfg["audio_tokens"]
+        return {"fsq_dim": tokens["hidden_size"], "fsq_input_levels": list(FSQ_LEVELS), **tokens}
+    if part == "audio_token_detokenizer":
+        return dict(cfg["audio_tokens"])
+    return dict(cfg[part])
 
 
 def build_byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -131,9 +151,9 @@ def build_preset(name: str, seed: int = 0) -> dict[str, Any]:
     torch.manual_seed(seed + 3)
     vae = AutoencoderOobleck(**cfg["vae"])
     torch.manual_seed(seed + 4)
-    audio_tokenizer = AceStepAudioTokenizer(fsq_dim=cfg["audio_tokens"]["hidden_size"], **cfg["audio_tokens"])
+    audio_tokenizer = AceStepAudioTokenizer(**part_config(name, "audio_tokenizer"))
     torch.manual_seed(seed + 5)
-    audio_token_detokenizer = AceStepAudioTokenDetokenizer(**cfg["audio_tokens"])
+    audio_token_detokenizer = AceStepAudioTokenDetokenizer(**part_config(name, "audio_token_detokenizer"))
     components = dict(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
         condition_encoder=condition_encoder,

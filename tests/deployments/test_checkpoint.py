@@ -45,6 +45,10 @@ def test_app_serves_a_local_checkpoint(serve_http, dirs, checkpoint_dir, client)
         by_reference = ckpt_client.post("/v1/music/generate", data={"task_type": "cover", "batch_size": "1"},
                                         files={"reference_audio": ("r.wav", wav_bytes(1.0), "audio/wav")})
         assert by_reference.status_code == 200, by_reference.text
+        codes = ckpt_client.post("/v1/music/generate", json={"audio_code_string": [1, 2]})
+        assert codes.status_code == 400 and codes.json()["detail"] == (
+            "audio_code_string needs the checkpoint's audio_tokenizer and audio_token_detokenizer, which model "
+            "'acestep-v15-local' does not have"), codes.text
     # The saved preset is the embedded preset: the same request gives the same audio in both apps (to a PCM-16
     # step: separate processes may sum floats in another order).
     from_preset = client.get(run_job(client, payload)["result"]["first_audio_path"]).content

@@ -66,7 +66,14 @@ def test_negative_repainting_end_means_until_the_end():
                                    '(got "128k")'),
     ({"mp3_bitrate": 32}, 422, "mp3_bitrate: Input should be 64,"),
     ({"mp3_bitrate": True}, 422, "mp3_bitrate: must be a number, not a boolean"),
-    ({"task_type": "extract"}, 400, "task_type"),
+    ({"task_type": "karaoke"}, 400, "task_type: Input should be 'text2music', 'cover', 'repaint', 'lego', 'extract' "
+                                    "or 'complete'"),
+    ({"audio_code_string": "hello"}, 422, "audio_code_string: must be <|audio_code_N|> tokens only"),
+    ({"audio_code_string": "<|audio_code_1|><|audio_code_x|>"}, 422, "audio_code_string: must be"),
+    ({"audio_code_string": [3, -1]}, 422, "audio_code_string.1: Input should be greater than or equal to 0"),
+    ({"audio_code_string": [3, True]}, 422, "audio_code_string: must be a number, not a boolean"),
+    ({"track_classes": ["drums", ""]}, 422, "track_classes.1"),
+    ({"track_name": "x" * 65}, 422, "track_name"),
     ({"inference_steps": 0}, 422, "inference_steps: Input should be greater than or equal to 1 (got 0)"),
     ({"audio_duration": float("nan")}, 422, "audio_duration"),
     ({"timesteps": [0.5, 0.9]}, 422, "strictly descending"),
@@ -111,3 +118,32 @@ def test_bad_seed_lists_say_which_seed(raw, fragment):
 def test_camel_case_of_every_field_and_upstream_cover_strength():
     r = parse({"cfgIntervalEnd": 0.5, "repaintingStart": 1, "cover_strength": 0.25, "vocalLanguage": "ja"})
     assert (r.cfg_interval_end, r.repainting_start, r.audio_cover_strength, r.vocal_language) == (0.5, 1.0, 0.25, "ja")
+
+
+def test_the_task_types_are_the_pipelines_and_a_base_models():
+    from diffusers.pipelines.ace_step.pipeline_ace_step import TASK_TYPES as PIPELINE_TASKS
+
+    from jobs.schemas import SOURCE_TASKS, TASK_TYPES
+    from models.loading import VARIANT_TASKS
+
+    assert set(TASK_TYPES) == set(PIPELINE_TASKS) and VARIANT_TASKS["base"] == TASK_TYPES
+    assert set(SOURCE_TASKS) < set(TASK_TYPES)
+
+
+def test_all_six_task_types_and_their_track_fields():
+    assert [parse({"taskType": t}).task_type for t in ("LEGO", "extract", "Complete")] == ["lego", "extract",
+                                                                                           "complete"]
+    r = parse({"task_type": "lego", "trackName": "drums", "trackClasses": "drums, bass ,,"})
+    assert (r.track_name, r.track_classes) == ("drums", ["drums", "bass"])
+    assert parse({"track_classes": ["vocals"]}).track_classes == ["vocals"]
+    assert parse({"track_classes": " , "}).track_classes is None and parse({}).track_name is None
+
+
+def test_audio_codes_as_tokens_or_integers_have_one_spelling():
+    tokens = "<|audio_code_5|> <|audio_code_63999|>\n<|audio_code_0|>"
+    canonical = "<|audio_code_5|><|audio_code_63999|><|audio_code_0|>"
+    assert parse({"audio_code_string": tokens}).audio_code_string == canonical
+    r = parse({"audioCodeString": [5, 63999, 0]})
+    assert (r.audio_code_string, r.audio_codes) == (canonical, [5, 63999, 0])
+    assert parse({"audio_code_string": []}).audio_code_string is None
+    assert parse({"audio_code_string": "  "}).audio_codes == []

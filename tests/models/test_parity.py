@@ -1,5 +1,7 @@
 """The three engines called in sequence give the audio of `diffusers.AceStepPipeline` for the same weights and seeds."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -160,6 +162,53 @@ def test_cover_blend_matches_pipeline(engines, pipeline, base_engines, base_pipe
     whole = ConditionRequest(**{**vars(request), "audio_cover_strength": 1.0})
     full_cover, _ = _split_latents_and_audio(engines, whole, num_inference_steps=3, guidance_scale=5.0)
     assert not np.allclose(ours[0], full_cover, atol=1e-2), "the text2music blend must change the latents"
+
+
+@pytest.mark.parametrize("task,fields", [
+    ("lego", dict(track_name="drums", repainting_start=0.2, repainting_end=0.6)),
+    ("extract", dict(track_name="vocals")),
+    ("complete", dict(track_classes=["drums", "bass"])),
+])
+def test_track_tasks_match_pipeline(base_engines, base_pipeline, task, fields):
+    """The base model's track tasks: the pipeline's instruction for the task and track(s), the whole source as
+    context (lego: the chunk mask marks the region to generate; extract, complete: all ones), CFG + APG."""
+    condition, _, codec = base_engines
+    source = np.random.default_rng(3).uniform(-0.5, 0.5, size=(2, 48000)).astype(np.float32)
+    renamed = {("complete_track_classes" if k == "track_classes" else k): v for k, v in fields.items()}
+    torch.manual_seed(13)  # the VAE posterior sample
+    theirs = _pipeline_latents_and_audio(base_pipeline, prompt=["funk"] * 2, lyrics=["[verse]\nyeah"] * 2,
+                                         task_type=task, src_audio=torch.from_numpy(source), audio_duration=1.0,
+                                         num_inference_steps=3, guidance_scale=5.0, **renamed)
+    torch.manual_seed(13)
+    src_latents = codec.encode(source, kind="source")
+    request = ConditionRequest(caption="funk", lyrics="[verse]\nyeah", audio_duration=1.0, task_type=task,
+                               src_latents=src_latents, **fields)
+    ours = _split_latents_and_audio(base_engines, request, num_inference_steps=3, guidance_scale=5.0)
+    _assert_matches(ours, theirs, seconds=1)
+
+    named, generic = condition.encode([request, replace(request, track_name=None, track_classes=None)])
+    assert not np.array_equal(named.encoder_hidden_states, generic.encoder_hidden_states), \
+        "the track(s) must reach the instruction"
+    np.testing.assert_array_equal(named.context_latents[:, :64], src_latents)  # the source itself, not silence
+    mask = named.context_latents[:, 64:]
+    if task == "lego":  # frames 5..14 (0.2-0.6 s at 25 per second) are generated, the rest kept
+        assert (mask[5:15] == 1).all() and (mask[:5] == 0).all() and (mask[15:] == 0).all()
+    else:
+        assert (mask == 1).all()
+
+
+def test_audio_codes_match_pipeline(engines, pipeline):
+    """`audio_codes`: text2music runs as cover on the detokenized codes, whose count sets the length (10 codes of
+    5 frames: 2 s); the pipeline derives the duration from them when it gets none."""
+    codes = "".join(f"<|audio_code_{n}|>" for n in (5, 900, 63999, 12, 40000, 7, 7, 31000, 2, 150))
+    theirs = _pipeline_latents_and_audio(pipeline, prompt=["ambient"] * 2, lyrics=[""] * 2, audio_codes=codes,
+                                         audio_duration=None, num_inference_steps=3)
+    request = ConditionRequest(caption="ambient", lyrics="", audio_duration=2.0, audio_codes=codes)
+    assert request.task == "cover"
+    ours = _split_latents_and_audio(engines, request, num_inference_steps=3)
+    _assert_matches(ours, theirs, seconds=2)
+    plain, _ = _split_latents_and_audio(engines, replace(request, audio_codes=None), num_inference_steps=3)
+    assert not np.allclose(ours[0], plain, atol=1e-2), "the codes must change the latents"
 
 
 @pytest.mark.slow
