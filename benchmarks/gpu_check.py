@@ -934,7 +934,7 @@ def http_worker(args: argparse.Namespace) -> int:
             try:
                 stats = httpx.get(url + "/v1/stats", timeout=5).json()
                 slots = {k: v["slots"] for k, v in stats.get("stages", {}).items()}
-                if slots.get("dit") == 8 and slots.get("codec") == 4:
+                if slots.get("dit") == 16 and slots.get("codec") == 4:  # the DiT's: a round of 2 x max_batch_size
                     break
             except (httpx.HTTPError, ValueError):
                 pass

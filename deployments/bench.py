@@ -239,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                         "are its own: see `acestep-bench --gpu-check --help`")
     parser.add_argument("--preset", default="small", help="tiny, small (CPU), turbo / base / xl-turbo (GPU)")
     parser.add_argument("--jobs", type=int, default=32, help="jobs per load phase")
-    parser.add_argument("--concurrency", type=int, default=16, help="concurrent HTTP clients")
+    parser.add_argument("--concurrency", type=int, default=32, help="concurrent HTTP clients (the default: every "
+                        "job at once, a burst that the pipeline's slots cannot all take, so jobs wait in line)")
     parser.add_argument("--durations", default="10,15,20", help="seconds of audio, cycled over the jobs")
     parser.add_argument("--steps", type=int, default=8, help="inference_steps of every job")
     parser.add_argument("--outputs", type=int, default=1, help="batch_size (outputs) of every job")
@@ -277,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from deployments.app import build_graph
+    from deployments.simulate import CpuMeter
 
     threads = args.threads
     durations = [float(d) for d in args.durations.split(",")]
@@ -315,7 +317,10 @@ def main(argv: list[str] | None = None) -> int:
                           "journal_path": None}}
 
     def deploy(batch: int, scheduling: str) -> None:
+        from jobs.step_scheduler import StepSchedulingConfig
+
         options = _stage_options(batch, args.max_batch_frames, scheduling)
+        dit_slots = StepSchedulingConfig.model_validate(options["DiT"]["user_config"]).round_jobs
         serve.run(build_graph(app_args, options), name="bench", route_prefix="/bench", blocking=False)
         deadline = time.time() + 600
         while time.time() < deadline:
@@ -323,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                 stats = httpx.get(url + "/v1/stats", timeout=5).json()
                 slots = {s: v["slots"] for s, v in stats.get("stages", {}).items()}
                 # user_config applied everywhere, and the registry has the new slots
-                if slots.get("dit") == batch and slots.get("codec") == min(batch, 4):
+                if slots.get("dit") == dit_slots and slots.get("codec") == min(batch, 4):
                     return
             except (httpx.HTTPError, ValueError):
                 pass
@@ -344,7 +349,13 @@ def main(argv: list[str] | None = None) -> int:
                                         ("request", args.max_batch_size, "request"), ("unbatched", 1, "step")):
             print(f"[bench] load phase {name} ...", file=sys.stderr)
             deploy(batch, scheduling)
+            before = (time.time(), httpx.get(url + "/v1/stats", timeout=10).json()["stages"])
+            cpu = CpuMeter()
             phases[name] = asyncio.run(drive(url, jobs, args.concurrency, args.poll_s))
+            phases[name]["cpu"] = cpu.stop()
+            time.sleep(1.5)  # the stages' last load reports (every second) reach the registry
+            phases[name]["busy"] = _busy(before, (time.time(), httpx.get(url + "/v1/stats", timeout=10).json()[
+                "stages"]), phases[name]["seconds"])
         results["phases"] = phases
     finally:
         serve.shutdown()
@@ -367,6 +378,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _busy(before: tuple[float, dict], after: tuple[float, dict], seconds: float) -> dict[str, float]:
+    """Each stage's engine time over a load phase, as a fraction of the phase per replica: the engine thread's busy
+    seconds (reported by the replicas) divided by the phase's seconds. A stage near 1 is the bottleneck."""
+    return {stage: (after[1][stage]["busy_s"] - before[1].get(stage, {}).get("busy_s", 0.0))
+            / seconds / max(1, after[1][stage]["replicas"]) for stage in after[1]}
+
+
 def render(r: dict[str, Any]) -> str:
     lines = [f"acestep-bench preset={r['preset']} jobs={r['jobs']} concurrency={r['concurrency']} "
              f"durations={r['durations']} steps={r['steps']} outputs={r['outputs']} format={r['format']} "
@@ -378,8 +396,13 @@ def render(r: dict[str, Any]) -> str:
     for name, p in r["phases"].items():
         eta = f"{p['eta_error_median']:.3f}" if p["eta_error_median"] is not None else "-"
         stages = " ".join(f"{k} {v:.2f}" for k, v in p["stage_median_s"].items())
+        busy = " ".join(f"{k} {v:.2f}" for k, v in p.get("busy", {}).items())
         lines.append(f"{'served, ' + name:<28}{p['jobs_per_s']:>8.3f}{p['p50_s']:>8.2f}{p['p95_s']:>8.2f}"
-                     f"{eta:>9}  {stages}")
+                     f"{eta:>9}  {stages}; engines busy: {busy}")
+        if "cpu" in p:
+            roles = ", ".join(f"{e['role'].removeprefix('ray::ServeReplica:bench:')} {e['cores']:.2f}"
+                              for e in p["cpu"]["by_role"][:8])
+            lines.append(f"{'':<28}cores busy {p['cpu']['machine_busy_cores']:.2f} of {p['cpu']['cores']}: {roles}")
     lines.append(f"served single job: {r['served_latency_s']:.2f} s; peak RSS of the app and Ray: "
                  f"{r['peak_rss_mib']} MiB")
     lines.append(f"timeline, median seconds per gap (single job | under load, step phase); Ray calls per job under "

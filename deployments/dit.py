@@ -28,6 +28,9 @@ class DiT(StageReplica):
         await self.start(model, registry_name, queue, files, simulate)
         self.scheduler = StepScheduler(self.engine, StepSchedulingConfig(), run_engine=self.guard.run,
                                        on_progress=self._on_progress, on_batch=self._on_batch)
+        for work, seconds in await self.guard.run(self.engine.calibrate):  # the pass cost before the first job
+            self.scheduler.costs.add(work, seconds)
+        self.guard.busy_s = 0.0
 
     def reconfigure(self, user_config: dict) -> None:
         self.scheduler.config = StepSchedulingConfig.model_validate(self.take_fault(user_config))

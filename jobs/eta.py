@@ -77,9 +77,13 @@ class _Replica:
 
 
 def lease_times(now: float, capacity: int, dit: DiTModel, replicas: int, condition_s: float, codec_s: float,
-                running: list[tuple[str, float, SimJob]], waiting: list[SimJob], horizon: int = 100_000
-                ) -> dict[str, float]:
+                running: list[tuple[str, float, SimJob]], waiting: list[SimJob], horizon: int = 100_000,
+                codec_service_s: float | None = None, codec_replicas: int = 1) -> dict[str, float]:
     """The predicted lease time of each job in `waiting` (in lease order).
+
+    After the DiT a job spends `codec_s` (the AudioCodec's latency), or, given `codec_service_s` (its busy seconds
+    per job), waits for one of `codec_replicas` decoders, each taking one job at a time for that long: jobs that
+    leave the DiT together then end one after another, as they do.
 
     `running`: the leased jobs as `(where, seconds, job)`: `where` is "before_dit" (it reaches the DiT in `seconds`),
     "dit" (in a DiT round, `job.steps_left` to go) or "after_dit" (it frees its slot in `seconds`). `horizon` bounds
@@ -116,6 +120,15 @@ def lease_times(now: float, capacity: int, dit: DiTModel, replicas: int, conditi
 
     starts: dict[str, float] = {}
     line = list(waiting)
+    decoders = [now] * max(1, codec_replicas)  # when each decoder is free
+
+    def decode(at: float, job: SimJob) -> None:
+        if codec_service_s is None:
+            push(at + codec_s, "finish", job)
+            return
+        start = max(at, heapq.heappop(decoders))
+        heapq.heappush(decoders, start + codec_service_s)
+        push(start + codec_service_s, "finish", job)
 
     def lease(at: float) -> None:
         nonlocal free
@@ -143,7 +156,7 @@ def lease_times(now: float, capacity: int, dit: DiTModel, replicas: int, conditi
             for job in replica.active:
                 job.steps_left -= 1
                 if job.steps_left <= 0:
-                    push(at + codec_s, "finish", job)
+                    decode(at, job)
             replica.active = [job for job in replica.active if job.steps_left > 0]
             start_round(replica, at)
         else:  # finish: its slot goes to the next in line

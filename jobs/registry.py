@@ -144,6 +144,8 @@ class JobRegistry:
         self.intervals: deque[tuple[float, float]] = deque(maxlen=config.avg_window)
         self._last_end: tuple[float, bool] | None = None  # (when, whether jobs were waiting then)
         self.stages: dict[str, dict[str, StageLoad]] = {}  # stage -> replica -> its last report
+        self.codec_s_per_job: float | None = None  # the AudioCodec's last measured busy seconds per job, kept
+        # across its replicas' restarts: a new replica has measured nothing yet, and the ETA needs it from the start
         self._work = asyncio.Event()
         self._changed = asyncio.Event()  # set (and replaced) on every change a long-poll may be waiting for
         self._version = 0
@@ -274,6 +276,7 @@ class JobRegistry:
                 "running_capacity": self.capacity(),
                 "stages": {stage: {"replicas": len(loads), "slots": sum(l.slots for l in loads),
                                    "in_flight": sum(l.in_flight for l in loads),
+                                   "busy_s": sum(l.busy_s for l in loads),
                                    "seconds_per_job": self._stage_seconds_per_job(loads)}
                            for stage, loads in self._live_stages().items()}}
 
@@ -318,6 +321,8 @@ class JobRegistry:
             sample = (busy_s - previous.busy_s) / (jobs_done - previous.jobs_done)
             load.seconds_per_job = sample if load.seconds_per_job is None else \
                 0.7 * load.seconds_per_job + 0.3 * sample
+            if stage == "codec":
+                self.codec_s_per_job = load.seconds_per_job
         loads[replica] = load
         self._work.set()  # the capacity may have grown
         return {"backlog": len(self.queue) + len(self.retry_queue)}
@@ -387,8 +392,10 @@ class JobRegistry:
             if self.jobs[job_id].status in ("queued", "running") and job_id not in seen:
                 seen.add(job_id)
                 waiting.append(_sim_job(self.jobs[job_id], dit, self.config.default_duration_s))
+        codecs = self._live_stages().get("codec", [])
         starts = lease_times(now, self.capacity(), dit, len(models), condition_s, codec_s, running,
-                             waiting[:ETA_SIMULATED_JOBS])
+                             waiting[:ETA_SIMULATED_JOBS], codec_service_s=self.codec_s_per_job,
+                             codec_replicas=len(codecs))
         times = sorted(starts.values())
         if len(waiting) > len(times) > 1:
             interval = (times[-1] - times[0]) / (len(times) - 1)

@@ -172,12 +172,29 @@ class DiTEngine:
 
     def warm_up(self) -> None:
         """One step on one second of zeros: allocations (and compilation, if on) happen before traffic does."""
-        frames, cfg = math.ceil(self.pipe.latents_per_second), self.transformer.config
+        self.generate([self._zeros(1.0, steps=1)])
+
+    def calibrate(self, lengths: tuple[float, ...] = (1.0, 30.0), passes: int = 4) -> list[tuple[int, float]]:
+        """`passes` forward passes on zeros of each length (seconds of audio), timed: `(rows x frames, seconds)` of
+        each, so that the pass cost is known before the first job."""
+        timed = []
+        for seconds in lengths:
+            state = self.start(self._zeros(seconds, steps=passes))
+            for _ in range(passes):
+                start = time.perf_counter()
+                self.step([state])
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                timed.append((state.rows * state.frames, time.perf_counter() - start))
+        return timed
+
+    def _zeros(self, seconds: float, steps: int) -> DiTRequest:
+        frames, cfg = math.ceil(seconds * self.pipe.latents_per_second), self.transformer.config
         width = cfg.encoder_hidden_size or cfg.hidden_size
         condition = ConditionResult(encoder_hidden_states=np.zeros((8, width), np.float32),
                                     context_latents=np.zeros((frames, 2 * cfg.audio_acoustic_hidden_dim), np.float32),
                                     null_embedding=np.zeros((width,), np.float32))
-        self.generate([DiTRequest(condition=condition, seeds=[0], num_inference_steps=1, tag="warm-up")])
+        return DiTRequest(condition=condition, seeds=[0], num_inference_steps=steps, tag="warm-up")
 
     @torch.no_grad()
     def start(self, request: DiTRequest) -> Sampling:

@@ -40,3 +40,15 @@ def test_two_replicas_take_the_jobs_between_them():
     # Each job: 4 steps x 0.5 s on its own replica; then the next two go the same way.
     starts = lease_times(0.0, 2, dit, 2, condition_s=0.1, codec_s=0.4, running=running, waiting=_jobs("w", 3))
     assert [starts[f"w{i}"] for i in range(3)] == [pytest.approx(2.5), pytest.approx(2.5), pytest.approx(5.0)]
+
+
+def test_jobs_that_leave_the_dit_together_queue_for_the_decoder():
+    """Four jobs end their last step together; one decoder takes 0.5 s a job: they free their slots at 0.5, 1.0, 1.5
+    and 2.0 s, and the waiting jobs start then (with a latency alone, all four would free at once)."""
+    dit = DiTModel(fixed_s=0.0, per_frame_s=1e-9, config=StepSchedulingConfig(max_batch_size=4))
+    running = lambda: [("dit", 0.0, job) for job in _jobs("r", 4, steps=1)]  # noqa: E731
+    starts = lease_times(0.0, 4, dit, 1, condition_s=0.0, codec_s=0.5, running=running(), waiting=_jobs("w", 4),
+                         codec_service_s=0.5, codec_replicas=1)
+    assert [starts[f"w{i}"] for i in range(4)] == [pytest.approx(t, abs=1e-3) for t in (0.5, 1.0, 1.5, 2.0)]
+    together = lease_times(0.0, 4, dit, 1, condition_s=0.0, codec_s=0.5, running=running(), waiting=_jobs("w", 4))
+    assert set(round(t, 3) for t in together.values()) == {0.5}
