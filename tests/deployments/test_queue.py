@@ -37,7 +37,9 @@ def test_full_queue_is_429_and_leaves_no_record(small_queue, dirs):
 
     view = client.get(f"/v1/jobs/{second.json()['job_id']}").json()
     assert view["status"] == "queued" and view["queue_position"] == 2
-    assert view["eta_seconds"] == pytest.approx(view["queue_position"] * view["avg_job_seconds"])
+    # One job at a time (max_running_jobs 1): the second starts after the first has run, whether the ETA comes from
+    # the pipeline's simulation (once the DiT has reported its pass cost) or from position x avg_job_seconds.
+    assert 0 < client.get(f"/v1/jobs/{first.json()['job_id']}").json()["eta_seconds"] < view["eta_seconds"]
     assert view["progress"]["stage"] == "queued"
 
     before = client.get("/v1/stats").json()["jobs"]["total"]
