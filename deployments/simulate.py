@@ -604,7 +604,6 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None)
                     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"}
     os.environ.update(fast_metrics)
     import httpx
-    import psutil
     import ray
     from ray import serve
 
