@@ -162,6 +162,18 @@ def _errors(described: dict[int, str]) -> dict[int, dict[str, Any]]:
     return {status: {"model": ErrorResponse, "description": text} for status, text in described.items()}
 
 
+def _submit_errors(also_400: str) -> dict[int, dict[str, Any]]:
+    """The error answers of a submit route (both APIs'), its own last kind of 400 named."""
+    return _errors({400: "Bad input: malformed body, unknown choice (audio_format, task_type, model), unreadable "
+                         f"audio, a task the model does not serve or without the audio it needs, {also_400}",
+                    403: "A *_audio_path outside the allowed input directories",
+                    409: "Idempotency-Key already used with a different request",
+                    413: "Body, upload or *_audio_path file over the limit",
+                    415: "Unsupported Content-Type",
+                    422: "A value out of range or of the wrong type, or over this server's limits",
+                    429: "Queue full; retry after Retry-After seconds"})
+
+
 # 401: every route but the probes, once API keys are configured (the middleware). Every error body is an
 # ErrorResponse, 422 included (our one-line detail, not FastAPI's HTTPValidationError list).
 _AUTH = _errors({401: "Missing or invalid API key (only when API keys are configured)"})
@@ -300,14 +312,7 @@ class Ingress:
                                    "parameters": {"job_id": "$response.body#/job_id"}},
                         "CancelJob": {"operationId": "cancel_v1_jobs__job_id__cancel_post",
                                       "parameters": {"job_id": "$response.body#/job_id"}}}},
-        **_errors({400: "Bad input: malformed body, unknown choice (audio_format, task_type, model), unreadable "
-                        "audio, a task the model does not serve or without the audio it needs, a bad Idempotency-Key",
-                   403: "A *_audio_path outside the allowed input directories",
-                   409: "Idempotency-Key already used with a different request",
-                   413: "Body, upload or *_audio_path file over the limit",
-                   415: "Unsupported Content-Type",
-                   422: "A value out of range or of the wrong type, or over this server's limits",
-                   429: "Queue full; retry after Retry-After seconds"}), **_AUTH, **_REGISTRY})
+        **_submit_errors("a bad Idempotency-Key"), **_AUTH, **_REGISTRY})
     async def generate(self, request: Request) -> JSONResponse:
         answer = await self._submit(request, *await self._parse_body(request))
         return JSONResponse({k: answer[k] for k in ("job_id", "status", "queue_position")})
@@ -467,15 +472,7 @@ class Ingress:
     # -- upstream ACE-Step 1.5's current API ("v2"): the same jobs, in its envelope (deployments/upstream_api.py) --
     @api.post("/release_task", openapi_extra={"requestBody": _RELEASE_TASK_BODY}, responses={
         200: {"model": upstream_api.ReleaseTaskResponse, "description": "Queued: poll it with /query_result"},
-        **_errors({400: "Bad input: malformed body, unknown choice (audio_format, task_type, model), unreadable "
-                        "audio, a task the model does not serve or without the audio it needs, a parameter needing "
-                        "upstream's language model",
-                   403: "A *_audio_path outside the allowed input directories",
-                   409: "Idempotency-Key already used with a different request",
-                   413: "Body, upload or *_audio_path file over the limit",
-                   415: "Unsupported Content-Type",
-                   422: "A value out of range or of the wrong type, or over this server's limits",
-                   429: "Queue full; retry after Retry-After seconds"}), **_AUTH, **_REGISTRY})
+        **_submit_errors("a parameter needing upstream's language model"), **_AUTH, **_REGISTRY})
     async def release_task(self, request: Request) -> JSONResponse:
         """Upstream v2's submit: the parameters of `POST /v1/music/generate` under upstream's names (`prompt`,
         `duration`, `keyscale`, camelCase, nested `metas`, `seed` as "11,12", uploads `ref_audio`/`ctx_audio`).
