@@ -42,12 +42,14 @@ class DiT(StageReplica):
         return self.scheduler.jobs
 
     def model(self) -> dict | None:
-        """`jobs.eta.DiTModel`'s fields: the measured pass cost, the round rules, the latent rate, and whether
-        guidance doubles a job's rows. None before the first forward pass."""
+        """`jobs.eta.DiTModel`'s fields: the measured pass cost and the overhead the split weighs a pass at, the
+        round rules, the latent rate, and whether guidance doubles a job's rows. None before the first forward
+        pass."""
         cost = self.scheduler.costs.model()
         if cost is None:
             return None
-        return {"fixed_s": cost[0], "per_frame_s": cost[1], "config": self.scheduler.config.model_dump(),
+        return {"fixed_s": cost[0], "per_frame_s": cost[1], "overhead": self.scheduler.costs.overhead(),
+                "config": self.scheduler.config.model_dump(),
                 "frames_per_s": self.engine.latents_per_second, "cfg": not self.engine.is_turbo}
 
     async def generate(self, request: DiTRequest, company: int = 1) -> tuple[np.ndarray | None, dict]:

@@ -74,7 +74,7 @@ from typing import Any
 import numpy as np
 
 from models.condition import ConditionRequest, ConditionResult
-from models.dit import DiTEngine, DiTRequest
+from models.dit import CALIBRATION_PASSES, CALIBRATION_SECONDS, DiTEngine, DiTRequest
 from models.loading import ModelConfig, load_vae_config
 from models.presets import PRESETS
 
@@ -258,9 +258,9 @@ class SimDiTEngine:
         self.forward_passes, self.modelled_s = 0, 0.0
 
     def calibrate(self) -> list[tuple[int, float]]:
-        """`DiTEngine.calibrate`'s answer without the sleeps: the cost model's seconds for 1 s and 30 s passes."""
-        lps = self.latents_per_second
-        return [(math.ceil(s * lps), self.cost.seconds(1, math.ceil(s * lps))) for s in (1.0, 30.0) for _ in range(4)]
+        """`DiTEngine.calibrate`'s answer without the sleeps: the cost model's seconds for its passes."""
+        frames = [math.ceil(s * self.latents_per_second) for s in CALIBRATION_SECONDS]
+        return [(f, self.cost.seconds(1, f)) for f in frames for _ in range(CALIBRATION_PASSES)]
 
     def start(self, request: DiTRequest) -> SimSampling:
         c = request.condition

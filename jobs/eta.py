@@ -15,7 +15,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobs.step_scheduler import StepSchedulingConfig, _cheapest, _padded
+from jobs.step_scheduler import StepSchedulingConfig, split_passes
 
 
 @dataclass
@@ -24,6 +24,7 @@ class DiTModel:
 
     fixed_s: float  # seconds a forward pass costs before it computes anything
     per_frame_s: float  # seconds per row x padded latent frame
+    overhead: float | None = None  # what the DiT's split weighs a pass at (`PassCosts.overhead`; None: not yet)
     config: StepSchedulingConfig = field(default_factory=StepSchedulingConfig)
     frames_per_s: float = 25.0  # latent frames per second of audio
     cfg: bool = False  # guidance doubles a job's rows (base models; turbo models ignore it)
@@ -35,11 +36,7 @@ class DiTModel:
         """One step round of these jobs, as the scheduler splits it (jobs of different batch keys: separate passes)."""
         seconds = 0.0
         for group in _by_key(jobs).values():
-            entries = sorted((_Entry(job) for job in group), key=lambda e: -e.state.frames)
-            overhead = self.fixed_s / self.per_frame_s if self.config.split == "cost" and self.per_frame_s > 0 \
-                else None
-            passes = _cheapest(entries, self.config, overhead) if overhead is not None \
-                else _padded(entries, self.config)
+            passes = split_passes([_Entry(job) for job in group], self.config, self.overhead)
             seconds += sum(self.pass_seconds(sum(e.state.rows for e in p), p[0].state.frames) for p in passes)
         return seconds
 

@@ -370,8 +370,10 @@ class JobRegistry:
         models = [load.model for load in self._live_stages().get("dit", []) if load.model]
         if not models:
             return {}
+        overheads = [m["overhead"] for m in models if m.get("overhead") is not None]
         dit = DiTModel(fixed_s=sum(m["fixed_s"] for m in models) / len(models),
                        per_frame_s=sum(m["per_frame_s"] for m in models) / len(models),
+                       overhead=sum(overheads) / len(overheads) if overheads else None,
                        config=StepSchedulingConfig.model_validate(models[0]["config"]),
                        frames_per_s=models[0]["frames_per_s"], cfg=models[0]["cfg"])
         condition_s, codec_s = self._latency("condition") or 0.0, self._latency("codec") or 0.0

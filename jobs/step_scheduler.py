@@ -192,12 +192,7 @@ class StepScheduler:
         return sum(e.state.key == state.key for e in self.active) < self.config.round_jobs
 
     def _passes(self, group: list[_Entry]) -> list[list[_Entry]]:
-        """Split one batch key's jobs into forward passes, longest first: each pass within `max_batch_size` jobs and
-        `max_batch_frames` padded frames (a job over the budget alone), the cheapest such split by the measured pass
-        cost (`split: cost`, once measured), else each pass within `max_padding`."""
-        entries = sorted(group, key=lambda e: -e.state.frames)
-        overhead = self.costs.overhead() if self.config.split == "cost" else None
-        return _cheapest(entries, self.config, overhead) if overhead is not None else _padded(entries, self.config)
+        return split_passes(group, self.config, self.costs.overhead())
 
     async def _step(self, group: list[_Entry]) -> None:
         states = [e.state for e in group]
@@ -261,6 +256,17 @@ class StepScheduler:
         self.active = still
 
 
+def split_passes(entries: list, config: StepSchedulingConfig, overhead: float | None) -> list[list]:
+    """Split one batch key's jobs (anything with `.state.rows` and `.state.frames`) into forward passes, longest
+    first: each pass within `max_batch_size` jobs and `max_batch_frames` padded frames (a job over the budget alone),
+    the cheapest such split for a pass `overhead` (`split: cost`, once measured: `PassCosts.overhead`), else each
+    pass within `max_padding`. The scheduler runs these passes; the ETA's simulation (`jobs.eta`) prices them."""
+    entries = sorted(entries, key=lambda e: -e.state.frames)
+    if config.split == "cost" and overhead is not None:
+        return _cheapest(entries, config, overhead)
+    return _padded(entries, config)
+
+
 def _fits_pass(rows: int, frames: int, jobs: int, config: StepSchedulingConfig) -> bool:
     """A forward pass of `jobs` jobs, `rows` rows padded to `frames`, within the budgets (one job always is)."""
     return jobs == 1 or (jobs <= config.max_batch_size and rows * frames <= config.max_batch_frames)
@@ -315,9 +321,11 @@ class PassCosts:
 
     def __init__(self, size: int = 256):
         self.passes: deque[tuple[int, float]] = deque(maxlen=size)
+        self._fitted: tuple[float, float] | None | bool = False  # the last fit, False when a pass came since
 
     def add(self, work: int, seconds: float) -> None:
         self.passes.append((work, seconds))
+        self._fitted = False
 
     def overhead(self) -> float | None:
         """`fixed / per_frame`: the padded work one more pass costs before it computes anything (what padding is worth
@@ -335,10 +343,13 @@ class PassCosts:
         return self._fit() or (0.0, float(seconds.sum() / max(1.0, work.sum())))
 
     def _fit(self) -> tuple[float, float] | None:
-        if len(self.passes) < self.MIN_PASSES:
-            return None
-        work, seconds = np.array(self.passes, dtype=np.float64).T
-        if work.max() < 1.5 * work.min():
-            return None
-        per_frame, fixed = np.polyfit(work, seconds, 1)
-        return (max(0.0, float(fixed)), float(per_frame)) if per_frame > 0 else None
+        """Fitted once per new pass (the scheduler asks every round, the load report every second)."""
+        if self._fitted is False:
+            self._fitted = None
+            if len(self.passes) >= self.MIN_PASSES:
+                work, seconds = np.array(self.passes, dtype=np.float64).T
+                if work.max() >= 1.5 * work.min():
+                    per_frame, fixed = np.polyfit(work, seconds, 1)
+                    if per_frame > 0:
+                        self._fitted = (max(0.0, float(fixed)), float(per_frame))
+        return self._fitted

@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 PARTS = ["transformer", "scheduler"]
 
 
+CALIBRATION_SECONDS = (1.0, 30.0)  # a DiT replica times passes of these lengths at start (`calibrate`)
+CALIBRATION_PASSES = 4  # ... this many of each
+
 @dataclass
 class DiTRequest:
     """One job's sampling request: its conditions and one seed per output."""
@@ -174,13 +177,13 @@ class DiTEngine:
         """One step on one second of zeros: allocations (and compilation, if on) happen before traffic does."""
         self.generate([self._zeros(1.0, steps=1)])
 
-    def calibrate(self, lengths: tuple[float, ...] = (1.0, 30.0), passes: int = 4) -> list[tuple[int, float]]:
-        """`passes` forward passes on zeros of each length (seconds of audio), timed: `(rows x frames, seconds)` of
-        each, so that the pass cost is known before the first job."""
+    def calibrate(self) -> list[tuple[int, float]]:
+        """`CALIBRATION_PASSES` forward passes on zeros of each of `CALIBRATION_SECONDS` (of audio), timed:
+        `(rows x frames, seconds)` of each, so that the pass cost is known before the first job."""
         timed = []
-        for seconds in lengths:
-            state = self.start(self._zeros(seconds, steps=passes))
-            for _ in range(passes):
+        for seconds in CALIBRATION_SECONDS:
+            state = self.start(self._zeros(seconds, steps=CALIBRATION_PASSES))
+            for _ in range(CALIBRATION_PASSES):
                 start = time.perf_counter()
                 self.step([state])
                 if self.device.type == "cuda":

@@ -24,7 +24,8 @@ def test_jobs_in_one_round_share_its_passes():
 def test_a_round_splits_by_length_as_the_scheduler_does():
     """A 4,500-frame job and a 1,500-frame one at the H200's pass cost (17.5 ms + 8.8 us per row x frame) take two
     passes (padding 3,000 frames costs more than a pass), so a step costs 17.5 + 39.6 + 17.5 + 13.2 = 87.8 ms."""
-    dit = DiTModel(fixed_s=0.0175, per_frame_s=8.8e-6, config=StepSchedulingConfig(max_batch_size=8))
+    dit = DiTModel(fixed_s=0.0175, per_frame_s=8.8e-6, overhead=0.0175 / 8.8e-6,
+                   config=StepSchedulingConfig(max_batch_size=8))
     long, short = SimJob("long", 1, 4500, 8), SimJob("short", 1, 1500, 8)
     assert dit.round_seconds([long, short]) == pytest.approx(0.0878, abs=1e-4)
     starts = lease_times(0.0, 2, dit, 1, condition_s=0.0, codec_s=0.0, running=[("dit", 0.0, long),

@@ -153,7 +153,7 @@ def test_an_idle_stage_waits_for_company_only_when_some_is_coming(dit, requests_
 
 
 def _entries(*jobs):
-    """Scheduler entries for (rows, frames) pairs, longest first (what `_passes` hands `_cheapest`)."""
+    """Scheduler entries for (rows, frames) pairs, longest first (what `split_passes` hands `_cheapest`)."""
     state = lambda rows, frames: type("State", (), {"rows": rows, "frames": frames})()  # noqa: E731
     return [type("Entry", (), {"state": state(r, f)})() for r, f in sorted(jobs, key=lambda j: -j[1])]
 
