@@ -1,13 +1,18 @@
 """The application builder: `serve_config.yaml`'s `args` -> the Ray Serve deployment graph.
 
     Ingress (HTTP) ──▶ JobRegistry actor ◀── JobDriver ──▶ ConditionEncoder ─▶ DiT ─▶ AudioCodec
+
+Each further model in `models:` gets its own ConditionEncoder and DiT deployments (`ConditionEncoder-<name>`,
+`DiT-<name>`, each with its own replicas and autoscaling); the AudioCodec (the VAE, which ACE-Step 1.5's variants
+share) serves them all.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray.serve import Application
 
 from deployments import envs
@@ -17,7 +22,10 @@ from deployments.dit import DiT
 from deployments.driver import JobDriver
 from deployments.ingress import Ingress
 from jobs.config import AuthConfig, FilesConfig, QueueConfig
-from models.loading import REQUIRED_PARTS, ModelConfig, check_checkpoint_dir, model_variant
+from models.loading import REQUIRED_PARTS, ModelConfig, check_checkpoint_dir, load_vae_config, model_variant
+
+# What a further model takes from `model` unless it sets it: how, not which, weights load.
+INHERITED = ("seed", "dtype", "device", "stages")
 
 
 class AppArgs(BaseModel):
@@ -27,10 +35,31 @@ class AppArgs(BaseModel):
 
     name: str = Field("acestep", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Names the job registry actor; "
                       "two apps on one cluster need different names.")
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The default model (a request without "
+                               "`model`, or naming this one, runs on it).")
+    models: list[ModelConfig] = Field(default_factory=list, description=(
+        "Further DiT models served next to `model`, picked per request by name (`/v1/models`): a preset or a "
+        "checkpoint_dir each, taking seed, dtype, device and stages from `model` unless set. Their VAE must be the "
+        "default model's (ACE-Step 1.5's variants share one)."))
     queue: QueueConfig = Field(default_factory=QueueConfig)
     files: FilesConfig = Field(default_factory=FilesConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+
+    @model_validator(mode="after")
+    def _inherit(self) -> "AppArgs":
+        inherited = {key: getattr(self.model, key) for key in INHERITED}
+        self.models = [m.model_copy(update={k: v for k, v in inherited.items() if k not in m.model_fields_set})
+                       for m in self.models]
+        return self
+
+    def served_models(self) -> list[ModelConfig]:
+        """Every model served, the default first."""
+        return [self.model, *self.models]
+
+
+def deployment_suffix(model: ModelConfig, default: ModelConfig) -> str:
+    """`""` for the default model's stage deployments, `-<name>` for a further model's."""
+    return "" if model is default else f"-{model.name}"
 
 
 def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
@@ -65,14 +94,37 @@ def build_graph(args: dict[str, Any] | AppArgs | None = None,
     model = app_args.model
     if envs.ACESTEP_CHECKPOINT_DIR:
         model = model.model_copy(update={"checkpoint_dir": envs.ACESTEP_CHECKPOINT_DIR})
-    if model.checkpoint_dir:  # fail at deploy time, naming what is missing, rather than in every replica
-        check_checkpoint_dir(model.checkpoint_dir, REQUIRED_PARTS)
-    model_variant(model)  # a `model.variant` the transformer config contradicts fails here, not in the ingress
     app_args = app_args.model_copy(update={"files": app_args.files.resolved(), "model": model})
+    check_models(app_args)
     registry = (app_args.name, app_args.queue, app_args.files)
     sim = () if simulate is None else (simulate,)
-    condition = bind(ConditionEncoder, app_args.model, *registry, *sim)
-    dit = bind(DiT, app_args.model, *registry, *sim)
-    codec = bind(AudioCodec, app_args.model, *registry, *sim)
-    driver = bind(JobDriver, app_args.model, app_args.queue, app_args.files, app_args.name, condition, dit, codec)
-    return bind(Ingress, app_args, driver, {"ConditionEncoder": condition, "DiT": dit, "AudioCodec": codec})
+    stages, conditions, dits = {}, {}, {}
+    for served in app_args.served_models():
+        suffix = deployment_suffix(served, app_args.model)
+        for deployment, handles in ((ConditionEncoder, conditions), (DiT, dits)):
+            name = deployment.name + suffix
+            handles[served.name] = stages[name] = deployment.options(name=name, **options.get(name, {})).bind(
+                served, *registry, *sim, served_as=served.name if suffix else None)
+    stages["AudioCodec"] = codec = bind(AudioCodec, app_args.model, *registry, *sim)
+    driver = bind(JobDriver, app_args.served_models(), app_args.queue, app_args.files, app_args.name, conditions,
+                  dits, codec)
+    return bind(Ingress, app_args, driver, stages)
+
+
+def check_models(args: AppArgs) -> None:
+    """Each model's checkpoint and variant, names that are unique and fit a deployment name, and one VAE for all:
+    a deploy-time error naming the problem, rather than a failure in every replica."""
+    names = set()
+    for served in args.served_models():
+        if served.checkpoint_dir:
+            check_checkpoint_dir(served.checkpoint_dir, REQUIRED_PARTS)
+        model_variant(served)  # a `variant` the transformer config contradicts fails here, not in the ingress
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", served.name):
+            raise ValueError(f"model name {served.name!r} (a checkpoint_dir's last part) must be 1-100 letters, "
+                             f"digits, '.', '_' or '-': it names the model's deployments")
+        if served.name in names:
+            raise ValueError(f"model {served.name!r} is configured twice; each model needs its own name")
+        names.add(served.name)
+        if load_vae_config(served) != load_vae_config(args.model):
+            raise ValueError(f"model {served.name!r} has another VAE than the default model {args.model.name!r}: "
+                             f"all models share the default's AudioCodec")

@@ -27,8 +27,8 @@ class ConditionEncoder(StageReplica):
     engine_class, stage, batched, budget = ConditionEngine, "condition", "encode_batch", _budget
 
     async def __init__(self, model: ModelConfig, registry_name: str, queue: QueueConfig, files: FilesConfig,
-                       simulate: dict | None = None):
-        await self.start(model, registry_name, queue, files, simulate)
+                       simulate: dict | None = None, served_as: str | None = None):
+        await self.start(model, registry_name, queue, files, simulate, served_as)
         _budget.frames_of = lambda request: math.ceil(request.audio_duration * self.engine.latents_per_second)
 
     async def encode(self, request: ConditionRequest, company: int = 1) -> tuple[ConditionResult, dict]:

@@ -24,8 +24,8 @@ class DiT(StageReplica):
     engine_class, stage = DiTEngine, "dit"
 
     async def __init__(self, model: ModelConfig, registry_name: str, queue: QueueConfig, files: FilesConfig,
-                       simulate: dict | None = None):
-        await self.start(model, registry_name, queue, files, simulate)
+                       simulate: dict | None = None, served_as: str | None = None):
+        await self.start(model, registry_name, queue, files, simulate, served_as)
         self.scheduler = StepScheduler(self.engine, StepSchedulingConfig(), run_engine=self.guard.run,
                                        on_progress=self._on_progress, on_batch=self._on_batch)
         for work, seconds in await self.guard.run(self.engine.calibrate):  # the pass cost before the first job

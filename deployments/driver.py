@@ -62,19 +62,24 @@ class Running:
     work: asyncio.Task | None = None
     sent: dict[str, Any] | None = None  # the progress the registry has
     calls: Counter = field(default_factory=Counter)
+    model: str = ""  # the name of the model it runs on
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, health_check_period_s=10)
 class JobDriver:
-    async def __init__(self, model: ModelConfig, queue: QueueConfig, files: FilesConfig, registry_name: str,
-                       condition: DeploymentHandle, dit: DeploymentHandle, codec: DeploymentHandle):
+    async def __init__(self, models: list[ModelConfig], queue: QueueConfig, files: FilesConfig, registry_name: str,
+                       conditions: dict[str, DeploymentHandle], dits: dict[str, DeploymentHandle],
+                       codec: DeploymentHandle):
+        """`models`: every model served, the default first; `conditions` and `dits`: their stages, by model name."""
         configure_replica_logging()
-        self.model, self.queue = model, queue
-        self.condition, self.dit, self.codec = condition, dit, codec
+        self.models, self.queue = {m.name: m for m in models}, queue
+        self.default = models[0].name
+        self.conditions, self.dits, self.codec = conditions, dits, codec
         self.registry = RegistryClient(registry_name, queue, files)
-        vae = load_vae_config(model)
+        vae = load_vae_config(models[0])  # one VAE for all models (`deployments.app.check_models`)
         self.sample_rate, self.hop_length = int(vae["sampling_rate"]), math.prod(vae["downsampling_ratios"])
-        self.audio_codes = audio_code_spec(model)  # the ingress refuses codes when this is None
+        # The ingress refuses codes for a model without them (None).
+        self.audio_codes = {m.name: audio_code_spec(m) for m in models}
         self.driver_id = f"driver-{uuid.uuid4().hex[:12]}"
         self.running: set[asyncio.Task] = set()
         self.attempts: dict[str, Running] = {}
@@ -95,7 +100,7 @@ class JobDriver:
                     continue
                 leased = await self.registry.call("lease", self.driver_id, room, 1.0)
                 for job in leased:  # all registered first: each one's company counts the others
-                    self.attempts[job["attempt_id"]] = Running()
+                    self.attempts[job["attempt_id"]] = Running(model=job["spec"].get("model") or self.default)
                     self.attempts[job["attempt_id"]].calls["registry"] += 1 / len(leased)
                 for job in leased:
                     task = asyncio.create_task(self._run_job(job))
@@ -163,12 +168,17 @@ class JobDriver:
             await self.registry.call("finish", attempt, self.driver_id, result)
 
     def _company(self, stage: str, attempt: str) -> int:
-        """This driver's other jobs on their way to `stage` now."""
-        upstream = UPSTREAM[stage]
-        return sum(1 for other, run in self.attempts.items() if other != attempt and run.progress["stage"] in upstream)
+        """This driver's other jobs on their way to `stage` now (to the same model's, for its own stages)."""
+        upstream, me = UPSTREAM[stage], self.attempts[attempt]
+        same_stage = (lambda run: run.model == me.model) if stage in ("condition", "diffusion") else lambda run: True
+        return sum(1 for other, run in self.attempts.items()
+                   if other != attempt and run.progress["stage"] in upstream and same_stage(run))
 
     async def _generate(self, job_id: str, attempt: str, spec: dict[str, Any], run: Running) -> dict[str, Any]:
         request = GenerateRequest.model_validate(spec["request"])
+        model = run.model  # the spec's: a further model's name; None (the default) for the default model
+        if model not in self.models:  # journaled before a redeploy that dropped the model
+            raise StageError(f"model {model!r} is no longer served; available: {sorted(self.models)}")
         seeds: list[int] = spec["seeds"]
         progress = run.progress
         timings: dict[str, float] = {}
@@ -224,7 +234,8 @@ class JobDriver:
                 if kind == "source":
                     source_seconds = seconds
         # As the pipeline: audio codes set the length before a source does.
-        codes_seconds = len(request.audio_codes) * self.audio_codes.seconds_per_code if request.audio_codes else None
+        codes_seconds = (len(request.audio_codes) * self.audio_codes[model].seconds_per_code if request.audio_codes
+                         else None)
         duration = request.audio_duration or codes_seconds or source_seconds or self.queue.default_duration_s
 
         # 2. Conditions, 3. sampling, 4. decode, encode and write the files (next to the decoder).
@@ -236,14 +247,14 @@ class JobDriver:
             repainting_start=request.repainting_start, repainting_end=request.repainting_end,
             audio_cover_strength=request.audio_cover_strength, track_name=request.track_name,
             track_classes=request.track_classes, audio_codes=request.audio_code_string, tag=attempt)
-        condition = await stage("condition", lambda company: self.condition.encode.remote(condition_request,
-                                                                                           company))
+        condition = await stage("condition", lambda company: self.conditions[model].encode.remote(
+            condition_request, company))
         dit_request = DiTRequest(
             condition=condition, seeds=seeds, num_inference_steps=request.inference_steps, shift=request.shift,
             guidance_scale=request.guidance_scale, cfg_interval_start=request.cfg_interval_start,
             cfg_interval_end=request.cfg_interval_end, audio_cover_strength=request.audio_cover_strength,
             timesteps=request.timesteps, tag=attempt)
-        latents = await stage("diffusion", lambda company: self.dit.generate.remote(dit_request, company))
+        latents = await stage("diffusion", lambda company: self.dits[model].generate.remote(dit_request, company))
         if latents is None:  # the DiT dropped the job mid-batch: it was canceled or ran out of time
             raise StageError("diffusion: stopped before the last step")
         samples = round(duration * self.sample_rate)
@@ -255,7 +266,7 @@ class JobDriver:
         metrics().audio_seconds.inc(seconds * len(keys))
         logger.info("job %s: %d x %.1f s of audio; stage seconds %s", attempt, len(keys), seconds,
                     {k: round(v, 3) for k, v in timings.items()})
-        result = build_result(request, seeds, keys, seconds, self.model.name, timings)
+        result = build_result(request, seeds, keys, seconds, model, timings)
         result["batching"] = {"dit_max_jobs_per_pass": timeline["diffusion"].pop("max_jobs_per_pass", 0)}
         run.calls["dit_to_registry"] = timeline["diffusion"].pop("reports", 0)
         result["timeline"] = {"stages": timeline}

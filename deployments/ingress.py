@@ -12,6 +12,7 @@ import tempfile
 import time
 import uuid
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import parse_qs
@@ -33,7 +34,8 @@ from jobs.schemas import (MAX_SEED, SOURCE_TASKS, ErrorResponse, GenerateRequest
                           ReadyResponse, describe_validation_error, generate_request_schema, normalize_payload)
 from jobs.storage import ResultStore, UploadStore
 from models.audio_io import MEDIA_TYPES, AudioDecodeError, AudioTooLongError, media_type, probe_audio
-from models.loading import COVER_FROM_SOURCE_PARTS, VARIANT_TASKS, audio_code_spec, has_parts, model_variant
+from models.loading import (COVER_FROM_SOURCE_PARTS, VARIANT_TASKS, AudioCodeSpec, ModelConfig, audio_code_spec,
+                            has_parts, model_variant)
 
 if TYPE_CHECKING:
     from deployments.app import AppArgs
@@ -283,6 +285,24 @@ def _seeds(params: GenerateRequest) -> list[int]:
     return [params.seed + i for i in range(n)]
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """What the ingress checks a request against, per model: the task types its variant serves, whether it reads
+    audio codes (None: it cannot) and covers from a source."""
+
+    name: str
+    variant: str  # turbo, sft or base
+    tasks: tuple[str, ...]
+    audio_codes: AudioCodeSpec | None
+    can_cover_from_source: bool
+
+    @classmethod
+    def of(cls, model: ModelConfig) -> "ServedModel":
+        variant = model_variant(model)
+        return cls(model.name, variant, tuple(VARIANT_TASKS[variant]), audio_code_spec(model),
+                   has_parts(model, COVER_FROM_SOURCE_PARTS))
+
+
 # Long-polls (`GET /v1/jobs/{id}?wait=S`) hold a request each while they wait: room for many.
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
 @serve.ingress(api)
@@ -297,10 +317,8 @@ class Ingress:
         envs.API_KEY_SHA256[:] = [d.lower() for d in args.auth.api_key_sha256] + envs.ACESTEP_API_KEY_SHA256
         self.store = ResultStore(args.files.output_dir, args.files.storage_options)
         self.uploads = UploadStore(args.files.upload_dir, args.files.storage_options)
-        self.can_cover_from_source = has_parts(args.model, COVER_FROM_SOURCE_PARTS)
-        self.variant = model_variant(args.model)  # turbo, sft or base: which task types the model serves
-        self.tasks = VARIANT_TASKS[self.variant]
-        self.audio_codes = audio_code_spec(args.model)  # None: the model cannot read audio codes
+        self.served = {m.name: ServedModel.of(m) for m in args.served_models()}  # the default first
+        self.default = args.model.name
         self.allowed_inputs = [Path(d).resolve() for d in args.files.allowed_input_dirs]
         self.finished = FinishedViews(args.queue.retention_s)
         self.models_loaded = False  # every stage has loaded its model (`_models_loaded`)
@@ -351,7 +369,10 @@ class Ingress:
                 key = self.uploads.key(job_id, field)
                 await asyncio.to_thread(self._store_upload, key, uploads[field].path)
                 inputs[field] = {"upload": key}
-            spec = {"request": params.model_dump(mode="json"), "seeds": _seeds(params), **inputs}
+            # `model`: a further model's name (its stages run the job), None for the default model's.
+            model = self._model(params).name
+            spec = {"request": params.model_dump(mode="json"), "seeds": _seeds(params),
+                    "model": None if model == self.default else model, **inputs}
             answer = await self.registry.call("submit", job_id, spec,
                                               f"{self.args.files.upload_dir}/{job_id}" if stored else None,
                                               idempotency)
@@ -422,7 +443,7 @@ class Ingress:
         stage has loaded its model (`/readyz` is the readiness probe)."""
         seed = {"status": "ok", "service": "ACE-Step API", "version": "1.0"}
         data = {**seed, "models_initialized": await self._models_loaded(), "llm_initialized": False,
-                "loaded_model": self.args.model.name, "loaded_lm_model": None}
+                "loaded_model": self.default, "loaded_lm_model": None}
         return JSONResponse(upstream_api.shared(seed, data))
 
     @api.get("/readyz", responses={200: {"model": ReadyResponse, "description": "Ready"},
@@ -438,9 +459,12 @@ class Ingress:
     @api.get("/v1/models", responses={200: {"model": upstream_api.ModelsResponse, "description": "The models"},
                                       **_AUTH})
     async def models(self) -> JSONResponse:
-        name = self.args.model.name
-        seed = {"models": [{"name": name, "is_default": True}], "default_model": name}
+        seed = {"models": [self._model_entry(name) for name in self.served], "default_model": self.default}
         return JSONResponse(upstream_api.shared(seed, seed))
+
+    def _model_entry(self, name: str) -> dict[str, Any]:
+        return {"name": name, "is_default": name == self.default,
+                "supported_task_types": list(self.served[name].tasks)}
 
     @api.get("/v1/stats", responses={200: {"model": upstream_api.StatsResponse, "description": "Counts"},
                                      **_AUTH, **_REGISTRY})
@@ -498,11 +522,11 @@ class Ingress:
     @api.get("/v1/model_inventory", responses={
         200: {"model": upstream_api.ModelInventoryResponse, "description": "The models"}, **_AUTH})
     async def model_inventory(self) -> JSONResponse:
-        name = self.args.model.name
-        model = {"name": name, "is_default": True, "is_loaded": await self._models_loaded(),
-                 "supported_task_types": list(self.tasks)}
-        return JSONResponse(upstream_api.envelope({"models": [model], "default_model": name, "lm_models": [],
-                                                   "loaded_lm_model": None, "llm_initialized": False}))
+        loaded = await self._models_loaded()
+        models = [{**self._model_entry(name), "is_loaded": loaded} for name in self.served]
+        return JSONResponse(upstream_api.envelope({"models": models, "default_model": self.default,
+                                                   "lm_models": [], "loaded_lm_model": None,
+                                                   "llm_initialized": False}))
 
     async def _parse_authorized(self, request: Request) -> tuple[dict[str, Any], dict[str, Upload]]:
         """`_parse_body`, and where the middleware found no valid key in the header, the body's `ai_token` must be
@@ -589,18 +613,24 @@ class Ingress:
             raise HTTPException(422, f"batch_size: must be <= {queue.max_outputs_per_job} on this server "
                                      f"(got {params.batch_size})")
         self._check_cost(params, params.audio_duration)
-        if params.model is not None and params.model != self.args.model.name:
-            raise HTTPException(400, f"model: unknown model {params.model!r}; available: {[self.args.model.name]}")
-        if params.task_type not in self.tasks:
-            raise HTTPException(400, f"task_type: model {self.args.model.name!r} ({self.variant} variant) does not "
-                                     f"serve {params.task_type}; it serves {', '.join(self.tasks)}")
+        model = self._model(params)
+        if params.task_type not in model.tasks:
+            raise HTTPException(400, f"task_type: model {model.name!r} ({model.variant} variant) does not "
+                                     f"serve {params.task_type}; it serves {', '.join(model.tasks)}")
         if params.audio_code_string:
-            self._check_audio_codes(params)
+            self._check_audio_codes(params, model)
 
-    def _check_audio_codes(self, params: GenerateRequest) -> None:
+    def _model(self, params: GenerateRequest) -> "ServedModel":
+        """The model the request names (the default when it names none); an unknown one is a 400."""
+        name = params.model or self.default
+        if name not in self.served:
+            raise HTTPException(400, f"model: unknown model {params.model!r}; available: {list(self.served)}")
+        return self.served[name]
+
+    def _check_audio_codes(self, params: GenerateRequest, model: "ServedModel") -> None:
         """Codes the model can read (its audio tokenizer's codebook), and the audio they make within the limits: its
         length is the codes' (the pipeline's), whatever `audio_duration` says."""
-        spec, name = self.audio_codes, self.args.model.name
+        spec, name = model.audio_codes, model.name
         if spec is None:
             raise HTTPException(400, f"audio_code_string needs the checkpoint's audio_tokenizer and "
                                      f"audio_token_detokenizer, which model {name!r} does not have")
@@ -630,10 +660,11 @@ class Ingress:
                                                 or params.audio_code_string):
             raise HTTPException(400, "task_type cover needs src_audio or reference_audio (upload or *_path), or "
                                      "audio_code_string")
+        model = self._model(params)
         if (params.task_type == "cover" and inputs["src_audio"] and not params.audio_code_string
-                and not self.can_cover_from_source):
+                and not model.can_cover_from_source):
             raise HTTPException(400, f"task_type cover from src_audio needs the checkpoint's audio_tokenizer and "
-                                     f"audio_token_detokenizer, which model {self.args.model.name!r} does not have; "
+                                     f"audio_token_detokenizer, which model {model.name!r} does not have; "
                                      f"send reference_audio instead")
 
     async def _input_audio(self, field: str, upload: Upload | None, server_path: str | None

@@ -154,10 +154,12 @@ class StageReplica:
     budget: FrameBudget
 
     async def start(self, model: Any, registry_name: str, queue: Any, files: Any,
-                    simulate: dict | None = None) -> None:
+                    simulate: dict | None = None, served_as: str | None = None) -> None:
         """`simulate` (a cost file, from `acestep-bench --simulate` only): an engine that sleeps the cost model's
-        time instead of computing (`deployments.simulate`)."""
+        time instead of computing (`deployments.simulate`). `served_as`: the model name of a further model's stage,
+        which reports to the registry as `<stage>:<name>` (the default model's as `<stage>`)."""
         configure_replica_logging()
+        self.stage_key = self.stage if served_as is None else f"{self.stage}:{served_as}"
         self.guard = EngineGuard(self.stage, model.threads(self.stage))
         if simulate is None:
             self.engine = await self.guard.run(self.engine_class, model)
@@ -171,7 +173,7 @@ class StageReplica:
         self.calls_in_flight = 0
         self.latency_s: float | None = None  # what a call takes here now, smoothed (for the registry's ETA)
         self.backlog = 0  # jobs waiting in the registry, as of the last report
-        self.replica_id = f"{self.stage}-{uuid.uuid4().hex[:8]}"
+        self.replica_id = f"{self.stage_key}-{uuid.uuid4().hex[:8]}"
         self.registry = RegistryClient(registry_name, queue, files)
         self._reporter = asyncio.get_running_loop().create_task(self._report_loop())
 
@@ -226,7 +228,7 @@ class StageReplica:
         while True:
             await asyncio.sleep(REPORT_INTERVAL_S)  # first after Serve's reconfigure() has set the slots
             try:
-                reply = await self.registry.call("report_stage", self.stage, self.replica_id, self.slots(),
+                reply = await self.registry.call("report_stage", self.stage_key, self.replica_id, self.slots(),
                                                  self.guard.busy_s, self.jobs_done, self.in_flight(), self.latency(),
                                                  self.model())
                 self.backlog = reply["backlog"]

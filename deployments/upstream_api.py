@@ -87,10 +87,11 @@ class QueryResultResponse(Envelope):
 class ModelEntry(BaseModel):
     name: str = Field(description="The DiT model's name, as `model` takes it.")
     is_default: bool = Field(description="Used when a request names no model.")
+    supported_task_types: list[str] = Field(description="The `task_type`s it serves.")
 
 
 class ModelList(BaseModel):
-    models: list[ModelEntry] = Field(description="The models this deployment serves (one: the config chooses it).")
+    models: list[ModelEntry] = Field(description="The models this deployment serves (`models:` in its config).")
     default_model: str = Field(description="The model used when a request names none.")
 
 
@@ -103,8 +104,7 @@ class ModelsResponse(Envelope):
 
 
 class InventoryModel(ModelEntry):
-    is_loaded: bool = Field(description="Every stage has loaded it and run a warm-up step.")
-    supported_task_types: list[str] = Field(description="The `task_type`s it serves.")
+    is_loaded: bool = Field(description="Its stages have loaded it and run a warm-up step.")
 
 
 class ModelInventory(BaseModel):

@@ -144,6 +144,7 @@ class JobRegistry:
         self.intervals: deque[tuple[float, float]] = deque(maxlen=config.avg_window)
         self._last_end: tuple[float, bool] | None = None  # (when, whether jobs were waiting then)
         self.stages: dict[str, dict[str, StageLoad]] = {}  # stage -> replica -> its last report
+        self.further_models: set[str] = set()  # the further models (not the default) jobs have asked for
         self.codec_s_per_job: float | None = None  # the AudioCodec's last measured busy seconds per job, kept
         # across its replicas' restarts: a new replica has measured nothing yet, and the ETA needs it from the start
         self._work = asyncio.Event()
@@ -201,6 +202,8 @@ class JobRegistry:
                         idempotency=tuple(idempotency) if idempotency else None)
         self.jobs[job_id] = job
         self.counts["queued"] += 1
+        if _model(job):
+            self.further_models.add(_model(job))
         if idempotency is not None:
             self.idempotency[idempotency[0]] = job_id
         self.queue.append(job_id)
@@ -302,9 +305,18 @@ class JobRegistry:
     def capacity(self) -> int:
         """Jobs allowed to run at once: the job slots the DiT and AudioCodec replicas reported, up to
         `max_running_jobs` (which alone applies until they report)."""
-        live = self._live_stages()
-        slots = sum(load.slots for stage in SLOT_STAGES for load in live.get(stage, []))
+        slots = sum(load.slots for stage, loads in self._live_stages().items() if _base(stage) in SLOT_STAGES
+                    for load in loads)
         return max(1, min(self.config.max_running_jobs, slots)) if slots else self.config.max_running_jobs
+
+    def _model_capacity(self) -> dict[str | None, int]:
+        """Jobs each model may have running at once, for the models whose DiT replicas report: its DiT's slots and
+        the AudioCodec's (which all models share). A model's jobs never take another's DiT slots, so a backlog for
+        one does not hold back the rest."""
+        live = self._live_stages()
+        codec = sum(load.slots for load in live.get("codec", []))
+        return {_model_of_stage(stage): sum(load.slots for load in loads) + codec for stage, loads in live.items()
+                if _base(stage) == "dit"}
 
     async def report_stage(self, stage: str, replica: str, slots: int, busy_s: float, jobs_done: int,
                            in_flight: int = 0, latency_s: float | None = None, model: dict | None = None) -> dict:
@@ -325,7 +337,15 @@ class JobRegistry:
                 self.codec_s_per_job = load.seconds_per_job
         loads[replica] = load
         self._work.set()  # the capacity may have grown
-        return {"backlog": len(self.queue) + len(self.retry_queue)}
+        return {"backlog": self._backlog(stage)}
+
+    def _backlog(self, stage: str) -> int:
+        """Jobs waiting for this stage: all of them for the AudioCodec, its model's for a model's own stage."""
+        waiting = len(self.queue) + len(self.retry_queue)
+        if _base(stage) == "codec" or not self.further_models:  # only the default model's jobs: no walk
+            return waiting
+        model = _model_of_stage(stage)
+        return sum(1 for job_id in (*self.retry_queue, *self.queue) if _model(self.jobs.get(job_id)) == model)
 
     def _replicas(self, stage: str) -> int:
         return max(1, len(self._live_stages().get(stage, [])))
@@ -365,21 +385,36 @@ class JobRegistry:
 
     def eta_schedule(self, now: float) -> dict[str, float]:
         """Predicted lease time of every waiting job (wall clock), in the order they will be leased (retries first):
-        the pipeline simulated forward from the running jobs' stages and steps (`jobs.eta.lease_times`). Empty until
-        the DiT has reported its pass cost."""
-        models = [load.model for load in self._live_stages().get("dit", []) if load.model]
-        if not models:
-            return {}
-        overheads = [m["overhead"] for m in models if m.get("overhead") is not None]
-        dit = DiTModel(fixed_s=sum(m["fixed_s"] for m in models) / len(models),
-                       per_frame_s=sum(m["per_frame_s"] for m in models) / len(models),
+        the pipeline simulated forward from the running jobs' stages and steps (`jobs.eta.lease_times`), for each
+        model apart (its own stages and its share of the slots; the AudioCodec is shared, and modelled as if each
+        model had it alone). Empty until a DiT has reported its pass cost."""
+        starts: dict[str, float] = {}
+        capacity, per_model = self.capacity(), self._model_capacity()
+        held = Counter(_model(self.jobs[job_id]) for job_id in self.leased)
+        for stage, loads in self._live_stages().items():
+            models = [load.model for load in loads if load.model]
+            if _base(stage) == "dit" and models:
+                model = _model_of_stage(stage)
+                # its own slots, within what the other models' running jobs leave of the shared ones
+                slots = max(1, min(per_model.get(model, capacity), capacity - (len(self.leased) - held[model])))
+                starts.update(self._eta_of(now, model, models, slots))
+        return starts
+
+    def _eta_of(self, now: float, model: str | None, reports: list[dict], capacity: int) -> dict[str, float]:
+        """`eta_schedule` for one model's jobs, from its DiT replicas' `reports`."""
+        overheads = [m["overhead"] for m in reports if m.get("overhead") is not None]
+        dit = DiTModel(fixed_s=sum(m["fixed_s"] for m in reports) / len(reports),
+                       per_frame_s=sum(m["per_frame_s"] for m in reports) / len(reports),
                        overhead=sum(overheads) / len(overheads) if overheads else None,
-                       config=StepSchedulingConfig.model_validate(models[0]["config"]),
-                       frames_per_s=models[0]["frames_per_s"], cfg=models[0]["cfg"])
-        condition_s, codec_s = self._latency("condition") or 0.0, self._latency("codec") or 0.0
+                       config=StepSchedulingConfig.model_validate(reports[0]["config"]),
+                       frames_per_s=reports[0]["frames_per_s"], cfg=reports[0]["cfg"])
+        condition_s = self._latency("condition" if model is None else f"condition:{model}") or 0.0
+        codec_s = self._latency("codec") or 0.0
         running = []
         for job_id in self.leased:
             job = self.jobs[job_id]
+            if _model(job) != model:
+                continue
             progress = job.progress or {}
             sim = _sim_job(job, dit, self.config.default_duration_s)
             if progress.get("stage") == "diffusion":
@@ -391,11 +426,12 @@ class JobRegistry:
                 running.append(("before_dit", max(0.0, condition_s - (now - (job.leased_at or now))), sim))
         waiting, seen = [], set()
         for job_id in (*self.retry_queue, *self.queue):
-            if self.jobs[job_id].status in ("queued", "running") and job_id not in seen:
+            job = self.jobs[job_id]
+            if job.status in ("queued", "running") and job_id not in seen and _model(job) == model:
                 seen.add(job_id)
-                waiting.append(_sim_job(self.jobs[job_id], dit, self.config.default_duration_s))
+                waiting.append(_sim_job(job, dit, self.config.default_duration_s))
         codecs = self._live_stages().get("codec", [])
-        starts = lease_times(now, self.capacity(), dit, len(models), condition_s, codec_s, running,
+        starts = lease_times(now, capacity, dit, len(reports), condition_s, codec_s, running,
                              waiting[:ETA_SIMULATED_JOBS], codec_service_s=self.codec_s_per_job,
                              codec_replicas=len(codecs))
         times = sorted(starts.values())
@@ -418,7 +454,8 @@ class JobRegistry:
         while True:
             self._reap()
             room = min(max_jobs, self.capacity() - len(self.leased))
-            if room > 0 and (self.queue or self.retry_queue):
+            leased = self._take(driver_id, room) if room > 0 and (self.queue or self.retry_queue) else []
+            if leased:
                 break
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -428,31 +465,52 @@ class JobRegistry:
                 await asyncio.wait_for(self._work.wait(), timeout=min(remaining, 0.5))
             except asyncio.TimeoutError:
                 pass
+        metrics().queue_depth.set(len(self.queue))
+        self._notify()  # every queued job moved up
+        await self._durable()
+        return leased
+
+    def _take(self, driver_id: str, room: int) -> list[dict[str, Any]]:
+        """Up to `room` jobs off the queues (retries first), in order; a job whose model has no room left is passed
+        over and keeps its place."""
+        rooms = self._model_capacity()
+        if rooms:
+            held = Counter(_model(self.jobs[job_id]) for job_id in self.leased)
+            rooms = {model: cap - held[model] for model, cap in rooms.items()}
         leased = []
         now = time.time()
-        while room > 0 and (self.retry_queue or self.queue):
-            job = self.jobs[(self.retry_queue or self.queue).popleft()]
-            if job.status not in ("queued", "running") or job.driver_id is not None:
-                continue  # ended, or leased, while it was in line: never handed out again
-            if job.status == "queued":
-                self._set_status(job, "running")
-                job.started_at = now
-                heapq.heappush(self.deadlines, (now + self.config.job_timeout_s, job.job_id))
-                metrics().job_queue_seconds.observe(now - job.created_at)
-            job.driver_id, job.leased_at = driver_id, now
-            self.leased.add(job.job_id)
-            job.attempts += 1
-            self._extend_lease(job)
-            job.progress = {"stage": "starting", "step": 0, "total": 0}
-            self._save(job)
-            leased.append({"job_id": job.job_id, "spec": job.spec, "attempt": job.attempts,
-                           "attempt_id": job.attempt_id})
-            room -= 1
-        metrics().queue_depth.set(len(self.queue))
-        if leased:
-            self._notify()  # every queued job moved up
-            await self._durable()
+        for queue in (self.retry_queue, self.queue):
+            passed = []
+            while room > 0 and queue:
+                job_id = queue.popleft()
+                job = self.jobs[job_id]
+                if job.status not in ("queued", "running") or job.driver_id is not None:
+                    continue  # ended, or leased, while it was in line: never handed out again
+                model = _model(job)
+                if rooms.get(model, 1) <= 0:
+                    passed.append(job_id)
+                    continue
+                if model in rooms:
+                    rooms[model] -= 1
+                leased.append(self._grant(job, driver_id, now))
+                room -= 1
+            queue.extendleft(reversed(passed))
         return leased
+
+    def _grant(self, job: JobRecord, driver_id: str, now: float) -> dict[str, Any]:
+        """Lease the job to the driver: its attempt starts."""
+        if job.status == "queued":
+            self._set_status(job, "running")
+            job.started_at = now
+            heapq.heappush(self.deadlines, (now + self.config.job_timeout_s, job.job_id))
+            metrics().job_queue_seconds.observe(now - job.created_at)
+        job.driver_id, job.leased_at = driver_id, now
+        self.leased.add(job.job_id)
+        job.attempts += 1
+        self._extend_lease(job)
+        job.progress = {"stage": "starting", "step": 0, "total": 0}
+        self._save(job)
+        return {"job_id": job.job_id, "spec": job.spec, "attempt": job.attempts, "attempt_id": job.attempt_id}
 
     async def heartbeat(self, attempt: str, driver_id: str, progress: dict[str, Any] | None = None) -> bool:
         """Extend the lease of an attempt. False tells the driver to stop: the attempt is no longer its to run."""
@@ -670,6 +728,8 @@ class JobRegistry:
             job = JobRecord(**{**row, "idempotency": tuple(row["idempotency"]) if row["idempotency"] else None})
             self.jobs[job.job_id] = job
             self.counts[job.status] += 1
+            if _model(job):
+                self.further_models.add(_model(job))
             if job.idempotency:
                 self.idempotency[job.idempotency[0]] = job.job_id
             if job.status == "queued":
@@ -696,6 +756,21 @@ def _change_key(view: dict[str, Any]) -> tuple:
     """What a long-poll waits to change: status, place in line, stage and step, attempt."""
     progress = view["progress"] or {}
     return (view["status"], view["queue_position"], progress.get("stage"), progress.get("step"), view["attempts"])
+
+
+def _model(job: JobRecord | None) -> str | None:
+    """The further model a job runs on; None for the default model."""
+    return ((job.spec or {}).get("model") if job else None) or None
+
+
+def _base(stage: str) -> str:
+    """`dit` of `dit:<model>`: the stage a registry key names."""
+    return stage.partition(":")[0]
+
+
+def _model_of_stage(stage: str) -> str | None:
+    """The model a stage key belongs to: `<name>` of `dit:<name>`, None (the default model) of `dit`."""
+    return stage.partition(":")[2] or None
 
 
 def _steps(job: JobRecord) -> int:

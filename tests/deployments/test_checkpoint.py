@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from deployments.app import build_app
+from deployments.app import AppArgs, build_app
 from models.loading import CheckpointError, save_components
 from models.presets import build_preset
 from tests.conftest import deployed, wav_bytes
@@ -64,3 +64,16 @@ def test_missing_checkpoint_fails_at_build_time(tmp_path, monkeypatch):
     monkeypatch.setattr("deployments.envs.ACESTEP_CHECKPOINT_DIR", str(tmp_path / "partial"))
     with pytest.raises(CheckpointError, match="missing transformer, condition_encoder, text_encoder, tokenizer"):
         build_app({})
+
+
+def test_further_models_are_checked_at_build_time():
+    """`models:` entries need their own names and the default model's VAE (they share its AudioCodec); they take
+    dtype, device, seed and stages from `model` unless they set them."""
+    with pytest.raises(ValueError, match="model 'acestep-v15-tiny' is configured twice"):
+        build_app({"models": [{"preset": "tiny"}]})
+    with pytest.raises(ValueError, match="model 'acestep-v15-turbo' has another VAE than the default model"):
+        build_app({"models": [{"preset": "turbo"}]})
+    args = AppArgs.model_validate({"model": {"preset": "tiny", "dtype": "bfloat16", "seed": 3},
+                                   "models": [{"preset": "tiny-base", "seed": 5}]})
+    [extra] = args.models
+    assert (extra.preset, extra.dtype, extra.seed, extra.checkpoint_dir) == ("tiny-base", "bfloat16", 5, None)

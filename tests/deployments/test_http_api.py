@@ -176,7 +176,9 @@ def test_service_endpoints(client):
     assert {k: v for k, v in health.items() if k not in envelope} == {"status": "ok", "service": "ACE-Step API",
                                                                       "version": "1.0"}
     assert {k: v for k, v in models.items() if k not in envelope} == {
-        "models": [{"name": "acestep-v15-tiny", "is_default": True}], "default_model": "acestep-v15-tiny"}
+        "models": [{"name": "acestep-v15-tiny", "is_default": True,
+                    "supported_task_types": ["text2music", "cover", "repaint"]}],
+        "default_model": "acestep-v15-tiny"}
     spec = client.get("/openapi.json").json()
     assert {"/v1/music/generate", "/v1/jobs/{job_id}", "/v1/audio", "/health", "/v1/models"} <= set(spec["paths"])
     body_schema = spec["paths"]["/v1/music/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]

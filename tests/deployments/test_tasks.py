@@ -1,6 +1,6 @@
 """All six task types over real HTTP: a base model (the `tiny-base` preset, CFG with APG) runs each of them; a turbo
 one (`tiny`) refuses the track tasks at submit, naming itself and the tasks it serves; source audio and audio codes
-are checked at submit."""
+are checked at submit. The base app serves the turbo model too (`models:`), and `model` picks one per request."""
 
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ CODES = [1, 500, 63999, 42, 7]  # 5 codes of 5 latent frames each: 1 s
 
 @pytest.fixture(scope="module")
 def base(serve_http, dirs):
-    """The tiny-base app beside the tiny one (`client`): the same weights, a base DiT, all six tasks."""
-    args = {"name": "tasks-test", "model": {"preset": "tiny-base"},
+    """The tiny-base app beside the tiny one (`client`): the same weights, a base DiT, all six tasks; and `tiny` as a
+    further model."""
+    args = {"name": "tasks-test", "model": {"preset": "tiny-base"}, "models": [{"preset": "tiny"}],
             "queue": {"max_queued_jobs": 20, "max_running_jobs": 8, "default_duration_s": 1.0, "max_duration_s": 30},
             "files": {"output_dir": str(dirs["results"]), "upload_dir": str(dirs["uploads"]),
                       "allowed_input_dirs": [str(dirs["inputs"])], "max_upload_bytes": 2 * 1024 * 1024,
@@ -54,11 +55,45 @@ def test_every_task_runs_on_a_base_model(base):
         assert (info.samplerate, info.channels, info.frames) == (48000, 2, 48000)
 
 
-def test_model_inventory_lists_the_tasks_of_each_models_variant(base, client):
-    [model] = base.get("/v1/model_inventory").json()["data"]["models"]
-    assert (model["name"], model["supported_task_types"]) == ("acestep-v15-tiny-base", SIX)
+def test_models_and_inventory_list_each_model_with_its_tasks(base, client):
+    listed = [("acestep-v15-tiny-base", True, SIX), ("acestep-v15-tiny", False, ["text2music", "cover", "repaint"])]
+    inventory = base.get("/v1/model_inventory").json()["data"]
+    assert [(m["name"], m["is_default"], m["supported_task_types"]) for m in inventory["models"]] == listed
+    assert inventory["default_model"] == "acestep-v15-tiny-base"
+    models = base.get("/v1/models").json()
+    assert [(m["name"], m["is_default"], m["supported_task_types"]) for m in models["models"]] == listed
+    assert models["data"]["models"] == models["models"] and models["default_model"] == "acestep-v15-tiny-base"
     [model] = client.get("/v1/model_inventory").json()["data"]["models"]
     assert (model["name"], model["supported_task_types"]) == ("acestep-v15-tiny", ["text2music", "cover", "repaint"])
+
+
+def test_model_picks_the_dit_a_job_runs_on(base):
+    """Each model has its own ConditionEncoder and DiT deployments; `model` (or upstream's `dit_model`) routes the
+    job to them, and the model's variant decides its tasks."""
+    common = {"caption": "which model", "batch_size": 1, "inference_steps": 2, "audio_duration": 1,
+              "audio_format": "wav"}
+    jobs = {"acestep-v15-tiny": submit(base, json={**common, "model": "acestep-v15-tiny"}).json()["job_id"],
+            "acestep-v15-tiny-base": submit(base, json=common).json()["job_id"]}
+    v2 = base.post("/release_task", json={**common, "dit_model": "acestep-v15-tiny"}).json()
+    for model, job_id in [*jobs.items(), ("acestep-v15-tiny", v2["data"]["task_id"])]:
+        view = wait_for(base, job_id)
+        assert view["status"] == "succeeded", view
+        assert view["result"]["dit_model"] == model
+    stats = base.get("/v1/stats").json()
+    assert {"dit", "dit:acestep-v15-tiny", "condition", "condition:acestep-v15-tiny", "codec"} <= set(stats["stages"])
+    assert stats["replicas"]["DiT-acestep-v15-tiny"] == stats["replicas"]["ConditionEncoder-acestep-v15-tiny"] == 1
+    response = submit(base, data={"model": "acestep-v15-tiny", "task_type": "lego", "track_name": "drums"},
+                      files={"src_audio": ("song.wav", SOURCE, "audio/wav")})
+    assert response.status_code == 400 and response.json()["detail"].startswith(
+        "task_type: model 'acestep-v15-tiny' (turbo variant) does not serve lego")
+
+
+def test_an_unknown_model_is_400_on_both_apis(base):
+    detail = ("model: unknown model 'acestep-v15-xl'; available: ['acestep-v15-tiny-base', 'acestep-v15-tiny']")
+    response = submit(base, json={"model": "acestep-v15-xl"})
+    assert response.status_code == 400 and response.json() == {"detail": detail}
+    v2 = base.post("/release_task", json={"dit_model": "acestep-v15-xl"})
+    assert v2.status_code == 400 and (v2.json()["code"], v2.json()["error"]) == (400, detail)
 
 
 @pytest.mark.parametrize("task", ["lego", "extract", "complete"])

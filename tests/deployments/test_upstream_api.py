@@ -214,7 +214,9 @@ def test_shared_paths_carry_both_shapes(client):
                     "llm_initialized": False, "loaded_model": "acestep-v15-tiny", "loaded_lm_model": None}
 
     models = client.get("/v1/models").json()
-    listed = {"models": [{"name": "acestep-v15-tiny", "is_default": True}], "default_model": "acestep-v15-tiny"}
+    listed = {"models": [{"name": "acestep-v15-tiny", "is_default": True,
+                          "supported_task_types": ["text2music", "cover", "repaint"]}],
+              "default_model": "acestep-v15-tiny"}
     assert {k: models[k] for k in listed} == listed and enveloped(client.get("/v1/models")) == listed
 
     stats = client.get("/v1/stats").json()

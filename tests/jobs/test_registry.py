@@ -378,6 +378,41 @@ def test_the_eta_simulates_the_line_through_the_dits_rounds():
     run(scenario())
 
 
+def test_each_model_runs_within_its_own_dit_slots():
+    """Two models: the default (`dit`, 3 slots) and `b` (`dit:b`, 1 slot, a DiT twice as slow), one AudioCodec slot:
+    5 jobs at once, at most 4 of the default's and 2 of b's. A backlog of b's jobs ahead in line holds back no
+    default-model job, each stage's autoscaler sees its own model's backlog, and each model's ETA comes from its own
+    DiT."""
+    async def scenario():
+        reg = JobRegistry(QueueConfig(max_running_jobs=16, initial_avg_job_seconds=100.0))
+        b = {"model": "b", "request": {"inference_steps": 4, "audio_duration": 10.0, "batch_size": 1}}
+        default = {"model": None, "request": b["request"]}
+        for i in range(4):
+            await reg.submit(f"b{i}", b)
+        for i in range(4):
+            await reg.submit(f"a{i}", default)
+        dit = {"fixed_s": 0.0, "per_frame_s": 0.002, "frames_per_s": 25.0, "cfg": False,
+               "config": {"max_batch_size": 1, "max_round_jobs": 1, "batch_wait_timeout_s": 0.0}}
+        assert await reg.report_stage("dit", "d", 3, 0.0, 0, latency_s=0.5, model=dit) == {"backlog": 4}
+        slow = {**dit, "per_frame_s": 0.004}
+        assert await reg.report_stage("dit:b", "e", 1, 0.0, 0, latency_s=1.0, model=slow) == {"backlog": 4}
+        assert await reg.report_stage("codec", "k", 1, 0.0, 0, latency_s=0.4) == {"backlog": 8}
+        leased = [j["job_id"] for j in await reg.lease("driver", 16, wait_s=0)]
+        assert leased == ["b0", "b1", "a0", "a1", "a2"]
+        assert await reg.lease("driver", 16, wait_s=0) == []
+        assert [(await reg.view(f"b{i}"))["queue_position"] for i in (2, 3)] == [1, 2]  # their place in line kept
+        assert (await reg.report_stage("dit:b", "e", 1, 0.0, 0))["backlog"] == 2
+        assert (await reg.report_stage("dit", "d", 3, 0.0, 0))["backlog"] == 1
+        # a3 waits for a0 (4 steps x 0.5 s, and the decode), b2 for b0 on the slower DiT.
+        assert (await reg.view("a3"))["eta_seconds"] == pytest.approx(2.4, abs=0.1)
+        assert (await reg.view("b2"))["eta_seconds"] == pytest.approx(4.4, abs=0.1)
+        assert await reg.finish("a0#1", "driver", {})
+        assert [j["job_id"] for j in await reg.lease("driver", 16, wait_s=0)] == ["a3"]  # b still has no room
+        assert await reg.finish("b0#1", "driver", {})
+        assert [j["job_id"] for j in await reg.lease("driver", 16, wait_s=0)] == ["b2"]
+    run(scenario())
+
+
 def test_reads_do_not_wait_behind_journal_writes(tmp_path, monkeypatch):
     """A slow disk delays the writer (the submit answers once its record is on disk), never a status read."""
     async def scenario():
