@@ -403,6 +403,9 @@ def render(r: dict[str, Any]) -> str:
             roles = ", ".join(f"{e['role'].removeprefix('ray::ServeReplica:bench:')} {e['cores']:.2f}"
                               for e in p["cpu"]["by_role"][:8])
             lines.append(f"{'':<28}cores busy {p['cpu']['machine_busy_cores']:.2f} of {p['cpu']['cores']}: {roles}")
+            waits = ", ".join(f"{e['role'].removeprefix('ray::ServeReplica:bench:')} "
+                              f"{e.get('waiting_for_a_core', 0.0):.2f}" for e in p["cpu"]["by_role"][:4])
+            lines.append(f"{'':<28}ready but waiting for a core (cores' worth): {waits}")
     lines.append(f"served single job: {r['served_latency_s']:.2f} s; peak RSS of the app and Ray: "
                  f"{r['peak_rss_mib']} MiB")
     lines.append(f"timeline, median seconds per gap (single job | under load, step phase); Ray calls per job under "

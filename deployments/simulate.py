@@ -478,7 +478,9 @@ def _title(process) -> str:
 
 
 class CpuMeter:
-    """CPU seconds of this process and every descendant (the Ray instance, the app) over a window, by role."""
+    """CPU seconds of this process and every descendant (the Ray instance, the app) over a window, by role; and the
+    seconds their threads were ready to run but waited for a core (the kernel's run-queue delay, from
+    `/proc/<pid>/task/<tid>/schedstat`): on a saturated machine, what a stage loses to the others."""
 
     def __init__(self):
         import psutil
@@ -486,13 +488,13 @@ class CpuMeter:
         self.me = psutil.Process()
         self.start, self.wall, self.system = self._snapshot(), time.time(), psutil.cpu_times()
 
-    def _snapshot(self) -> dict[int, tuple[str, float]]:
+    def _snapshot(self) -> dict[int, tuple[str, float, float]]:
         out = {}
         for p in [self.me, *self.me.children(recursive=True)]:
             try:
                 t = p.cpu_times()
                 title = "acestep-bench (this process: HTTP load + sampling)" if p.pid == self.me.pid else _title(p)
-                out[p.pid] = (title, t.user + t.system)
+                out[p.pid] = (title, t.user + t.system, _run_queue_s(p.pid))
             except Exception:
                 pass
         return out
@@ -501,17 +503,34 @@ class CpuMeter:
         import psutil
 
         end, wall, system = self._snapshot(), time.time() - self.wall, psutil.cpu_times()
-        roles: dict[str, list[float]] = {}
-        for pid, (title, seconds) in end.items():
-            before = self.start.get(pid, (title, 0.0))[1]
-            roles.setdefault(title, []).append(seconds - before)
+        roles: dict[str, list[tuple[float, float]]] = {}
+        for pid, (title, seconds, queued) in end.items():
+            _, cpu0, queued0 = self.start.get(pid, (title, 0.0, 0.0))
+            roles.setdefault(title, []).append((seconds - cpu0, queued - queued0))
         busy = sum(getattr(system, f) - getattr(self.system, f) for f in ("user", "system", "nice", "irq", "softirq"))
-        ours = sum(sum(v) for v in roles.values())
-        top = sorted(((title, sum(v), len(v)) for title, v in roles.items()), key=lambda r: -r[1])
+        ours = sum(c for v in roles.values() for c, _ in v)
+        top = sorted(((title, sum(c for c, _ in v), sum(q for _, q in v), len(v)) for title, v in roles.items()),
+                     key=lambda r: -r[1])
         return {"seconds": wall, "cores": os.cpu_count(), "machine_busy_cores": busy / wall,
                 "ours_cores": ours / wall, "others_cores": max(0.0, busy - ours) / wall,
-                "by_role": [{"role": title, "cores": s / wall, "processes": n} for title, s, n in top if s / wall
-                            >= 0.01]}
+                "by_role": [{"role": title, "cores": s / wall, "waiting_for_a_core": q / wall, "processes": n}
+                            for title, s, q, n in top if s / wall >= 0.01]}
+
+
+def _run_queue_s(pid: int) -> float:
+    """Seconds the process's threads have spent ready to run, waiting for a core (0 where the kernel keeps no
+    schedstats)."""
+    total = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as handle:
+                    total += int(handle.read().split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    except OSError:
+        pass
+    return total / 1e9
 
 
 def replica_memory(app: str) -> dict[str, dict[str, float]]:
