@@ -253,7 +253,7 @@ class JobDriver:
             condition=condition, seeds=seeds, num_inference_steps=request.inference_steps, shift=request.shift,
             guidance_scale=request.guidance_scale, cfg_interval_start=request.cfg_interval_start,
             cfg_interval_end=request.cfg_interval_end, audio_cover_strength=request.audio_cover_strength,
-            timesteps=request.timesteps, tag=attempt)
+            timesteps=request.timesteps, lora=request.lora, lora_scale=request.lora_scale, tag=attempt)
         latents = await stage("diffusion", lambda company: self.dits[model].generate.remote(dit_request, company))
         if latents is None:  # the DiT dropped the job mid-batch: it was canceled or ran out of time
             raise StageError("diffusion: stopped before the last step")
@@ -297,6 +297,7 @@ def build_result(request: GenerateRequest, seeds: list[int], keys: list[str], se
         "metas": metas,
         "bpm": request.bpm, "duration": round(seconds, 3), "keyscale": request.key_scale or None,
         "timesignature": request.time_signature or None, "genres": None, "dit_model": model_name,
+        "lora": {"name": request.lora, "scale": request.lora_scale} if request.lora else None,
         "stage_seconds": {name: round(value, 4) for name, value in timings.items()},
     }
 

@@ -36,6 +36,7 @@ from jobs.storage import ResultStore, UploadStore
 from models.audio_io import MEDIA_TYPES, AudioDecodeError, AudioTooLongError, media_type, probe_audio
 from models.loading import (COVER_FROM_SOURCE_PARTS, VARIANT_TASKS, AudioCodeSpec, ModelConfig, audio_code_spec,
                             has_parts, model_variant)
+from models.lora import UnknownAdapterError, adapter_path, available_adapters
 
 if TYPE_CHECKING:
     from deployments.app import AppArgs
@@ -179,6 +180,7 @@ def _submit_errors(also_400: str) -> dict[int, dict[str, Any]]:
 # 401: every route but the probes, once API keys are configured (the middleware). Every error body is an
 # ErrorResponse, 422 included (our one-line detail, not FastAPI's HTTPValidationError list).
 _AUTH = _errors({401: "Missing or invalid API key (only when API keys are configured)"})
+_BODY_ERRORS = {413: "Body over the limit", 415: "Unsupported Content-Type"}
 _REGISTRY = _errors({503: "Job registry unavailable; retry after Retry-After seconds"})
 
 
@@ -295,12 +297,13 @@ class ServedModel:
     tasks: tuple[str, ...]
     audio_codes: AudioCodeSpec | None
     can_cover_from_source: bool
+    lora_dir: str | None  # its LoRA adapters, one subdirectory each (None: it serves none)
 
     @classmethod
     def of(cls, model: ModelConfig) -> "ServedModel":
         variant = model_variant(model)
         return cls(model.name, variant, tuple(VARIANT_TASKS[variant]), audio_code_spec(model),
-                   has_parts(model, COVER_FROM_SOURCE_PARTS))
+                   has_parts(model, COVER_FROM_SOURCE_PARTS), model.lora_dir)
 
 
 # Long-polls (`GET /v1/jobs/{id}?wait=S`) hold a request each while they wait: room for many.
@@ -506,8 +509,8 @@ class Ingress:
 
     @api.post("/query_result", openapi_extra={"requestBody": _QUERY_RESULT_BODY}, responses={
         200: {"model": upstream_api.QueryResultResponse, "description": "One item per asked id, in order"},
-        **_errors({400: "task_id_list is not a JSON array of ids, or has too many", 413: "Body over the limit",
-                   415: "Unsupported Content-Type"}), **_AUTH, **_REGISTRY})
+        **_errors({400: "task_id_list is not a JSON array of ids, or has too many", **_BODY_ERRORS}), **_AUTH,
+        **_REGISTRY})
     async def query_result(self, request: Request) -> JSONResponse:
         """Upstream v2's poll of any jobs, submitted by either API: status 0 queued or running, 1 succeeded, 2 failed,
         canceled or unknown; `result` a JSON string of per-file items."""
@@ -527,6 +530,72 @@ class Ingress:
         return JSONResponse(upstream_api.envelope({"models": models, "default_model": self.default,
                                                    "lm_models": [], "loaded_lm_model": None,
                                                    "llm_initialized": False}))
+
+    # Upstream's /v1/lora/* change the one model of its one process. Here adapters are per job (`lora`,
+    # `lora_scale`) on every replica, so nothing global changes: `status` lists each model's adapters, `load` checks
+    # that one is in the adapter directory (jobs may then name it), `unload` and `toggle` off answer what a job without
+    # `lora` gets (the model as it is), and a global `toggle` on or `scale` is a 400 saying to set it per job.
+    @api.get("/v1/lora/status", responses={200: {"description": "The adapters of each model"}, **_AUTH})
+    async def lora_status(self) -> JSONResponse:
+        adapters = {name: await asyncio.to_thread(available_adapters, model.lora_dir)
+                    for name, model in self.served.items()}
+        default = adapters[self.default]
+        return JSONResponse(upstream_api.envelope({
+            "lora_loaded": bool(default), "use_lora": False, "lora_scale": 1.0, "adapter_type": "lora",
+            "scales": {}, "active_adapter": None, "adapters": default, "synthetic_default_mode": False,
+            "per_request": True, "adapters_by_model": adapters}))
+
+    @api.post("/v1/lora/load", responses={200: {"description": "The adapter is there: jobs may name it"},
+                                          **_errors({400: "Not an adapter of the model's adapter directory",
+                                                     **_BODY_ERRORS}), **_AUTH})
+    async def lora_load(self, request: Request) -> JSONResponse:
+        """Upstream's `{lora_path, adapter_name}`: `lora_path` is an adapter's name (or its directory inside the
+        model's `lora_dir`; nothing outside it is read); `model` picks the model (default: the default one)."""
+        raw, uploads = await self._parse_body(request)
+        for upload in uploads.values():
+            upload.close()
+        asked = raw.get("model") or self.default
+        model = self.served.get(asked) if isinstance(asked, str) else None
+        if model is None:
+            raise HTTPException(400, f"model: unknown model {asked!r}; available: {list(self.served)}")
+        path = str(raw.get("lora_path") or raw.get("adapter_name") or "")
+        name = path
+        if model.lora_dir and "/" in path:  # a directory inside lora_dir names its adapter; any other path, none
+            target = Path(path.replace("\0", "")).resolve()
+            if target.parent != Path(model.lora_dir).resolve() or "\0" in path:
+                raise HTTPException(400, f"lora_path: {path!r} is not an adapter directory of model {model.name!r}'s "
+                                         f"lora_dir; adapters are read from there only")
+            name = target.name
+        try:
+            await asyncio.to_thread(adapter_path, model.lora_dir, name)
+        except UnknownAdapterError as exc:
+            raise HTTPException(400, f"lora_path: {exc} (model {model.name!r})") from None
+        return JSONResponse(upstream_api.envelope({
+            "message": f"adapter {name!r} of model {model.name!r} is available: name it in a job's `lora` (with "
+                       f"`lora_scale`); it loads on each DiT replica when a job needs it",
+            "lora_path": path, "adapter_name": name}))
+
+    @api.post("/v1/lora/unload", responses={200: {"description": "Jobs without `lora` run the model as it is"},
+                                            **_AUTH})
+    async def lora_unload(self) -> JSONResponse:
+        return JSONResponse(upstream_api.envelope({"message": "adapters are per job here: a job without `lora` runs "
+                                                              "the model without one"}))
+
+    @api.post("/v1/lora/toggle", responses={200: {"description": "use_lora false: jobs without `lora` run none"},
+                                            **_errors({400: "use_lora true: there is no global adapter to enable",
+                                                       **_BODY_ERRORS}), **_AUTH})
+    async def lora_toggle(self, request: Request) -> JSONResponse:
+        raw, uploads = await self._parse_body(request)
+        for upload in uploads.values():
+            upload.close()
+        if str(raw.get("use_lora")).lower() in ("false", "0"):
+            return await self.lora_unload()
+        raise HTTPException(400, "use_lora: adapters are per job here; name one in a job's `lora`")
+
+    @api.post("/v1/lora/scale", responses={**_errors({400: "There is no global scale: set `lora_scale` per job"}),
+                                           **_AUTH})
+    async def lora_scale(self) -> JSONResponse:
+        raise HTTPException(400, "scale: adapters are per job here; set the job's `lora_scale` (0 to 2)")
 
     async def _parse_authorized(self, request: Request) -> tuple[dict[str, Any], dict[str, Upload]]:
         """`_parse_body`, and where the middleware found no valid key in the header, the body's `ai_token` must be
@@ -619,6 +688,11 @@ class Ingress:
                                      f"serve {params.task_type}; it serves {', '.join(model.tasks)}")
         if params.audio_code_string:
             self._check_audio_codes(params, model)
+        if params.lora is not None:
+            try:
+                adapter_path(model.lora_dir, params.lora)
+            except UnknownAdapterError as exc:
+                raise HTTPException(400, f"lora: {exc} (model {model.name!r})") from None
 
     def _model(self, params: GenerateRequest) -> "ServedModel":
         """The model the request names (the default when it names none); an unknown one is a 400."""

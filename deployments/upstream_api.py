@@ -17,7 +17,8 @@ from fastapi import HTTPException
 from pydantic import BaseModel, Field
 
 # Routes only v2 clients call: their answers, errors included, are enveloped.
-ROUTES = ("/release_task", "/query_result", "/v1/model_inventory")
+ROUTES = ("/release_task", "/query_result", "/v1/model_inventory", "/v1/lora/status", "/v1/lora/load",
+          "/v1/lora/unload", "/v1/lora/toggle", "/v1/lora/scale")
 # Routes whose body may carry the API key as `ai_token` (upstream's "Method A").
 BODY_TOKEN_ROUTES = ("/release_task", "/query_result")
 STATUS_CODES = {"queued": 0, "running": 0, "succeeded": 1, "failed": 2, "canceled": 2}

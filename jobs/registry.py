@@ -784,9 +784,11 @@ def _sim_job(job: JobRecord, dit: DiTModel, default_duration_s: float) -> SimJob
     guidance = request.get("guidance_scale", 7.0) if dit.cfg else 1.0
     rows = (request.get("batch_size") or 2) * (2 if guidance > 1.0 else 1)
     duration = request.get("audio_duration") or default_duration_s
+    scale = request.get("lora_scale", 1.0)
+    adapter = (request.get("lora"), scale) if request.get("lora") and scale != 0 else None  # `models.lora.lora_key`
     return SimJob(job.job_id, rows=rows, frames=math.ceil(duration * dit.frames_per_s), steps_left=_steps(job),
                   key=(_steps(job), request.get("shift"), guidance, request.get("cfg_interval_start"),
-                       request.get("cfg_interval_end")))
+                       request.get("cfg_interval_end"), adapter))
 
 
 def registry_actor(name: str, queue: QueueConfig, files: FilesConfig) -> "ray.actor.ActorHandle":

@@ -46,6 +46,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "repainting_start": ("repaintingStart",),
     "repainting_end": ("repaintingEnd",),
     "model": ("dit_model", "ditModel", "model_name", "modelName"),
+    "lora": ("lora_name", "adapter_name"),
 }
 # Where upstream L looked for nested metadata: the first truthy of these keys, a dict or a JSON object string.
 NESTED_KEYS = ("metas", "meta", "metadata", "user_metadata", "userMetadata")
@@ -118,6 +119,12 @@ class GenerateRequest(BaseModel):
     timesteps: list[float] | None = Field(None, min_length=1, max_length=200, description=(
         "Custom timestep schedule in (0, 1], descending; overrides inference_steps and shift."))
     model: str | None = Field(None, max_length=256, description="DiT model name from /v1/models; null: default.")
+    lora: str | None = Field(None, max_length=128, description=(
+        "A LoRA adapter of the model, by name (GET /v1/lora/status lists them): the job's DiT passes run with it. "
+        "Null: the model as it is."))
+    lora_scale: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False, description=(
+        "The adapter's strength (0 runs as no adapter). Jobs with different adapters or scales never share a "
+        "forward pass."))
 
     @field_validator("audio_format", "task_type", mode="before")
     @classmethod

@@ -5,8 +5,9 @@ step per `DiTEngine.step` call, and one call runs a single forward pass over eve
 their step, length or prompt length. The diffusers DiT applies no padding masks, so `_forward` pads the batch and
 runs diffusers' own forward with `KeyPaddingAttnProcessor` in every attention layer, which masks the padding out of
 self- and cross-attention: a job's velocity then does not depend on what it was batched with (within float
-tolerance). Jobs whose requests differ in what a forward pass shares (step schedule, shift, guidance, cover blend:
-`batch_key`) never share one.
+tolerance). Jobs whose requests differ in what a forward pass shares (step schedule, shift, guidance, cover blend,
+LoRA adapter and scale: `batch_key`) never share one; before each pass the engine activates the pass's adapter
+(`models.lora.AdapterRegistry`), which it loads from `model.lora_dir` when a job that needs it starts.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from models.condition import ConditionResult
 from models.loading import ModelConfig, load_components, load_vae_config, pipeline_view
+from models.lora import AdapterRegistry, lora_key
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +54,8 @@ class DiTRequest:
     cfg_interval_end: float = 1.0
     audio_cover_strength: float = 1.0
     timesteps: list[float] | None = None
+    lora: str | None = None  # an adapter of `model.lora_dir`, by name
+    lora_scale: float = 1.0  # its strength (peft's adapter weight); 0 runs as no adapter
     tag: str = field(default="", compare=False)  # the job id, for progress reports and logs
 
 
@@ -151,6 +155,7 @@ class DiTEngine:
         self.transformer = self.components["transformer"]
         self.device = config.torch_device()
         self._processor()  # before compiling: the compiled forward traces this processor
+        self.adapters = AdapterRegistry(self.transformer, config.lora_dir, config.max_loaded_adapters)
         if config.compiled("dit"):
             self.transformer.compile()
 
@@ -171,7 +176,7 @@ class DiTEngine:
         blend = request.audio_cover_strength < 1.0 and request.condition.non_cover_hidden_states is not None
         return (request.num_inference_steps, request.shift, self.effective_guidance(request.guidance_scale),
                 request.cfg_interval_start, request.cfg_interval_end, request.audio_cover_strength if blend else 1.0,
-                tuple(request.timesteps) if request.timesteps else None)
+                tuple(request.timesteps) if request.timesteps else None, lora_key(request.lora, request.lora_scale))
 
     def warm_up(self) -> None:
         """One step on one second of zeros: allocations (and compilation, if on) happen before traffic does."""
@@ -201,8 +206,13 @@ class DiTEngine:
 
     @torch.no_grad()
     def start(self, request: DiTRequest) -> Sampling:
-        """A job's initial state: seeded noise (one generator per output) and its own scheduler."""
+        """A job's initial state: seeded noise (one generator per output) and its own scheduler. Its LoRA adapter is
+        loaded now, so that a missing or bad one fails this job alone (`models.lora.AdapterError`)."""
         device, dtype, c = self.device, self.transformer.dtype, request.condition
+        if request.lora is not None:
+            self._adapters().check(request.lora)
+            if lora_key(request.lora, request.lora_scale) is not None:
+                self._adapters().load(request.lora)
 
         def tensor(array: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(array).to(device=device, dtype=dtype)
@@ -242,6 +252,7 @@ class DiTEngine:
                                                                               else [])
             plan.append((len(rows), apply_cfg))
             rows.extend((s.xt, float(t), seq, s.context, n) for seq in sequences)
+        self._adapters().activate(lora_key(request.lora, request.lora_scale))  # reloaded if evicted since start
         out = self._forward(rows)
         for s, (first, apply_cfg) in zip(states, plan):
             t, frames = s.scheduler.timesteps[s.step], s.frames
@@ -293,6 +304,12 @@ class DiTEngine:
             processor = KeyPaddingAttnProcessor()
             self.transformer.set_attn_processor(processor)
         return processor
+
+    def _adapters(self) -> AdapterRegistry:
+        """The LoRA adapters of the transformer in use (a fresh registry for a transformer swapped in)."""
+        if self.adapters.transformer is not self.transformer:
+            self.adapters = AdapterRegistry(self.transformer, self.config.lora_dir, self.config.max_loaded_adapters)
+        return self.adapters
 
     @contextmanager
     def _masked(self, masks: PaddingMasks | None) -> Iterator[None]:

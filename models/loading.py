@@ -85,6 +85,12 @@ class ModelConfig(BaseModel):
     seed: int = Field(0, ge=0, description="Seed for the random init of a preset.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype (bf16 on GPU).")
     device: str = Field("auto", description="`auto` (cuda when available, else cpu), `cpu`, `cuda`, `cuda:N`.")
+    lora_dir: str | None = Field(None, description="Local directory of LoRA adapters for the DiT, one subdirectory "
+                                 "per adapter, named as jobs name it (`lora`): diffusers layout "
+                                 "(pytorch_lora_weights.safetensors) or PEFT layout (adapter_model.safetensors + "
+                                 "adapter_config.json). Unset: jobs cannot ask for an adapter.")
+    max_loaded_adapters: int = Field(4, ge=1, le=64, description="LoRA adapters a DiT replica keeps loaded; the "
+                                     "least recently used is deleted from the model to load another.")
 
     stages: dict[Literal["condition", "dit", "codec"], StageOptions] = Field(
         default_factory=dict, description="Per-stage dtype / device / compile overrides. The VAE (codec) runs "

@@ -11,7 +11,7 @@ from tests.conftest import deploy
 @pytest.fixture(scope="session")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("acestep")
-    paths = {name: root / name for name in ("results", "uploads", "inputs", "outside")}
+    paths = {name: root / name for name in ("results", "uploads", "inputs", "outside", "lora")}
     for path in paths.values():
         path.mkdir()
     paths["journal"] = root / "registry.sqlite3"
@@ -23,6 +23,7 @@ def api(serve_http, dirs) -> str:
     """The tiny-preset app as `serve_config.yaml` would run it, with test directories and a 2 MB upload limit."""
     args = {
         "name": "api-test",
+        "model": {"lora_dir": str(dirs["lora"])},
         "queue": {"max_queued_jobs": 50, "max_running_jobs": 4, "default_duration_s": 2.0},
         "files": {"output_dir": str(dirs["results"]), "upload_dir": str(dirs["uploads"]),
                   "allowed_input_dirs": [str(dirs["inputs"])], "max_upload_bytes": 2 * 1024 * 1024,
