@@ -176,7 +176,7 @@ class JobDriver:
 
     async def _generate(self, job_id: str, attempt: str, spec: dict[str, Any], run: Running) -> dict[str, Any]:
         request = GenerateRequest.model_validate(spec["request"])
-        model = run.model  # the spec's: a further model's name; None (the default) for the default model
+        model = run.model  # the spec names a further model; none means the default
         if model not in self.models:  # journaled before a redeploy that dropped the model
             raise StageError(f"model {model!r} is no longer served; available: {sorted(self.models)}")
         seeds: list[int] = spec["seeds"]
