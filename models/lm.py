@@ -55,7 +55,7 @@ from models.lm_constraints import (AnswerConstraint, Codes, MetadataLimits, Toke
 from models.lm_prompts import (DURATION_RANGE, FIELD_ORDER, NO_USER_INPUT, PLANNING_FIELDS, LMMetadata, codes_prompt,
                                cot_prompt, extract_lyrics, format_cot, format_prompt, parse_lm_output, sample_prompt,
                                audio_code_token)
-from models.loading import CheckpointError, _own_aligned_storage
+from models.loading import CheckpointError, ModelConfig, _own_aligned_storage
 from models.presets import FSQ_LEVELS, build_byte_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -115,10 +115,7 @@ class LMConfig(BaseModel):
     def name(self) -> str:
         return Path(self.checkpoint_dir).name if self.checkpoint_dir else f"acestep-5Hz-lm-{self.preset}"
 
-    def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+    torch_device = ModelConfig.torch_device  # `auto`, `cpu`, `cuda[:N]`: one rule for every stage
 
     def limits(self) -> MetadataLimits:
         return MetadataLimits(duration_range=(self.min_duration, self.max_duration),
