@@ -1,6 +1,6 @@
 """The application builder: `serve_config.yaml`'s `args` -> the Ray Serve deployment graph.
 
-    Ingress (HTTP) ──▶ JobRegistry actor ◀── JobDriver ──▶ ConditionEncoder ─▶ DiT ─▶ AudioCodec
+    Ingress (HTTP) ──▶ JobRegistry actor ◀── JobDriver ──▶ [LanguageModel ─▶] ConditionEncoder ─▶ DiT ─▶ AudioCodec
 
 Each further model in `models:` gets its own ConditionEncoder and DiT deployments (`ConditionEncoder-<name>`,
 `DiT-<name>`, each with its own replicas and autoscaling); the AudioCodec (the VAE, which ACE-Step 1.5's variants
@@ -21,7 +21,9 @@ from deployments.condition_encoder import ConditionEncoder
 from deployments.dit import DiT
 from deployments.driver import JobDriver
 from deployments.ingress import Ingress
+from deployments.language_model import LanguageModel
 from jobs.config import AuthConfig, FilesConfig, QueueConfig
+from models.lm import LMConfig, check_lm_dir
 from models.loading import REQUIRED_PARTS, ModelConfig, check_checkpoint_dir, load_vae_config, model_variant
 
 # What a further model takes from `model` unless it sets it: how, not which, weights load.
@@ -41,6 +43,9 @@ class AppArgs(BaseModel):
         "Further DiT models served next to `model`, picked per request by name (`/v1/models`): a preset or a "
         "checkpoint_dir each, taking seed, dtype, device and stages from `model` unless set. Their VAE must be the "
         "default model's (ACE-Step 1.5's variants share one)."))
+    lm: LMConfig | None = Field(None, description=(
+        "The 5 Hz language model (`LanguageModel` deployment), loaded at start: `thinking`, `use_cot_*`, sample "
+        "mode and `use_format` run on it. Null: no LM; a request that needs one is a 400."))
     queue: QueueConfig = Field(default_factory=QueueConfig)
     files: FilesConfig = Field(default_factory=FilesConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
@@ -106,8 +111,20 @@ def build_graph(args: dict[str, Any] | AppArgs | None = None,
             handles[served.name] = stages[name] = deployment.options(name=name, **options.get(name, {})).bind(
                 served, *registry, *sim, served_as=served.name if suffix else None)
     stages["AudioCodec"] = codec = bind(AudioCodec, app_args.model, *registry, *sim)
+    lm = None
+    if app_args.lm is not None:
+        if simulate is not None:
+            raise ValueError("the simulation has no LanguageModel stage: leave `lm` out")
+        if app_args.lm.checkpoint_dir:  # at deploy time, not in every replica
+            check_lm_dir(app_args.lm.checkpoint_dir)
+        # The LM chooses durations within what the server admits.
+        config = app_args.lm.model_copy(update={
+            "max_duration": max(1, min(app_args.lm.max_duration, int(app_args.queue.max_duration_s)))})
+        config = config.model_copy(update={"min_duration": min(config.min_duration, config.max_duration)})
+        stages["LanguageModel"] = handle = bind(LanguageModel, config, *registry)
+        lm = (config.name, handle)
     driver = bind(JobDriver, app_args.served_models(), app_args.queue, app_args.files, app_args.name, conditions,
-                  dits, codec)
+                  dits, codec, lm)
     return bind(Ingress, app_args, driver, stages)
 
 

@@ -35,6 +35,7 @@ from jobs.registry import RegistryClient
 from jobs.schemas import GenerateRequest
 from jobs.storage import ResultStore
 from models.condition import ConditionRequest
+from models.lm import LMRequest, LMResult
 from models.dit import DiTRequest
 from models.loading import ModelConfig, audio_code_spec, load_vae_config
 
@@ -45,8 +46,11 @@ RETRYABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
 
 
 # The stages a job passes before each stage: its possible batch-mates there are the jobs in these now.
-UPSTREAM = {"encode_audio": ("starting",), "condition": ("starting", "encode_audio"),
-            "diffusion": ("starting", "encode_audio", "condition"), "decode": ("diffusion",)}
+UPSTREAM = {"encode_audio": ("starting",), "lm": ("starting", "encode_audio"),
+            "condition": ("starting", "encode_audio", "lm"), "diffusion": ("starting", "encode_audio", "lm", "condition"),
+            "decode": ("diffusion",)}
+# The tasks the 5 Hz LM plans (upstream skips it for cover, repaint and extract); its codes guide text2music alone.
+LM_TASKS = ("text2music", "lego", "complete")
 
 
 class StageError(Exception):
@@ -69,9 +73,11 @@ class Running:
 class JobDriver:
     async def __init__(self, models: list[ModelConfig], queue: QueueConfig, files: FilesConfig, registry_name: str,
                        conditions: dict[str, DeploymentHandle], dits: dict[str, DeploymentHandle],
-                       codec: DeploymentHandle):
-        """`models`: every model served, the default first; `conditions` and `dits`: their stages, by model name."""
+                       codec: DeploymentHandle, lm: tuple[str, DeploymentHandle] | None = None):
+        """`models`: every model served, the default first; `conditions` and `dits`: their stages, by model name;
+        `lm`: the 5 Hz language model's name and stage, when the app runs one."""
         configure_replica_logging()
+        self.lm_name, self.lm = lm or ("", None)
         self.models, self.queue = {m.name: m for m in models}, queue
         self.default = models[0].name
         self.conditions, self.dits, self.codec = conditions, dits, codec
@@ -119,7 +125,7 @@ class JobDriver:
             await asyncio.sleep(beat)
             if not self.attempts:
                 continue
-            sent = {attempt: None if run.progress["stage"] == "diffusion" or run.progress == run.sent
+            sent = {attempt: None if run.progress["stage"] in ("lm", "diffusion") or run.progress == run.sent
                     else dict(run.progress) for attempt, run in self.attempts.items()}
             try:
                 lost = await self.registry.call("heartbeats", self.driver_id, sent)
@@ -233,6 +239,12 @@ class JobDriver:
                     source, kind, seeds[0], attempt), f"encode_{kind}")
                 if kind == "source":
                     source_seconds = seconds
+        lm = None
+        if self.lm is not None and request.task_type in LM_TASKS and (
+                request.needs_lm or request.use_cot_metas or request.use_cot_caption or request.use_cot_language):
+            lm_request = _lm_request(request, seeds[:1], source_seconds, attempt)
+            lm = await stage("lm", lambda company: self.lm.generate.remote(lm_request, company))
+            request = _planned(request, lm, source_seconds is not None)
         # As the pipeline: audio codes set the length before a source does.
         codes_seconds = (len(request.audio_codes) * self.audio_codes[model].seconds_per_code if request.audio_codes
                          else None)
@@ -267,10 +279,45 @@ class JobDriver:
         logger.info("job %s: %d x %.1f s of audio; stage seconds %s", attempt, len(keys), seconds,
                     {k: round(v, 3) for k, v in timings.items()})
         result = build_result(request, seeds, keys, seconds, model, timings)
+        if lm is not None:
+            result["lm_model"] = self.lm_name
+            result["lm"] = {"fields": list(lm.lm_fields), "codes": len(request.audio_codes), "tokens": lm.tokens}
         result["batching"] = {"dit_max_jobs_per_pass": timeline["diffusion"].pop("max_jobs_per_pass", 0)}
         run.calls["dit_to_registry"] = timeline["diffusion"].pop("reports", 0)
         result["timeline"] = {"stages": timeline}
         return result
+
+
+def _lm_request(request: GenerateRequest, seeds: list[int], source_seconds: float | None, tag: str) -> LMRequest:
+    """What the LM is asked: the user's fields (empty ones for it to fill), and phase 2's codes only for text2music
+    without codes of the client's own."""
+    return LMRequest(
+        caption=request.caption, lyrics=request.lyrics, bpm=request.bpm, keyscale=request.key_scale or None,
+        timesignature=request.time_signature or None, duration=request.audio_duration or source_seconds,
+        language=None if request.vocal_language in ("", "unknown") else request.vocal_language,
+        thinking=request.thinking and request.task_type == "text2music" and not request.audio_code_string,
+        use_cot_metas=request.use_cot_metas, use_cot_caption=request.use_cot_caption,
+        use_cot_language=request.use_cot_language, sample_mode=request.sample_mode or bool(request.sample_query),
+        sample_query=request.sample_query, use_format=request.use_format, lm_temperature=request.lm_temperature,
+        lm_cfg_scale=request.lm_cfg_scale, lm_negative_prompt=request.lm_negative_prompt,
+        lm_top_k=request.lm_top_k, lm_top_p=request.lm_top_p, lm_repetition_penalty=request.lm_repetition_penalty,
+        seeds=seeds, tag=tag)
+
+
+def _planned(request: GenerateRequest, lm: LMResult, has_source: bool) -> GenerateRequest:
+    """The request with the LM's plan: its caption and lyrics, the metadata the user left empty (the user's own
+    values are never replaced), and its codes."""
+    meta, updates = lm.metadata, {"caption": lm.caption, "lyrics": lm.lyrics}
+    for field, value, empty in (("bpm", meta.bpm, request.bpm is None),
+                                ("key_scale", meta.keyscale, not request.key_scale),
+                                ("time_signature", meta.timesignature, not request.time_signature),
+                                ("audio_duration", meta.duration, request.audio_duration is None and not has_source),
+                                ("vocal_language", meta.language, request.vocal_language in ("", "unknown"))):
+        if empty and value not in (None, ""):
+            updates[field] = value
+    if lm.codes and lm.codes[0]:
+        updates["audio_code_string"] = lm.audio_code_strings[0]
+    return request.model_copy(update=updates)
 
 
 def build_result(request: GenerateRequest, seeds: list[int], keys: list[str], seconds: float, model_name: str,

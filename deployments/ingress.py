@@ -322,6 +322,7 @@ class Ingress:
         self.uploads = UploadStore(args.files.upload_dir, args.files.storage_options)
         self.served = {m.name: ServedModel.of(m) for m in args.served_models()}  # the default first
         self.default = args.model.name
+        self.lm_name = args.lm.name if args.lm else None  # the 5 Hz LM, when the app runs one
         self.allowed_inputs = [Path(d).resolve() for d in args.files.allowed_input_dirs]
         self.finished = FinishedViews(args.queue.retention_s)
         self.models_loaded = False  # every stage has loaded its model (`_models_loaded`)
@@ -445,8 +446,9 @@ class Ingress:
         """Liveness (no key needed). `data` is upstream v2's health record: `models_initialized` says whether every
         stage has loaded its model (`/readyz` is the readiness probe)."""
         seed = {"status": "ok", "service": "ACE-Step API", "version": "1.0"}
-        data = {**seed, "models_initialized": await self._models_loaded(), "llm_initialized": False,
-                "loaded_model": self.default, "loaded_lm_model": None}
+        loaded = await self._models_loaded()
+        data = {**seed, "models_initialized": loaded, "llm_initialized": loaded and self.lm_name is not None,
+                "loaded_model": self.default, "loaded_lm_model": self.lm_name}
         return JSONResponse(upstream_api.shared(seed, data))
 
     @api.get("/readyz", responses={200: {"model": ReadyResponse, "description": "Ready"},
@@ -528,8 +530,9 @@ class Ingress:
         loaded = await self._models_loaded()
         models = [{**self._model_entry(name), "is_loaded": loaded} for name in self.served]
         return JSONResponse(upstream_api.envelope({"models": models, "default_model": self.default,
-                                                   "lm_models": [], "loaded_lm_model": None,
-                                                   "llm_initialized": False}))
+                                                   "lm_models": [self.lm_name] if self.lm_name else [],
+                                                   "loaded_lm_model": self.lm_name,
+                                                   "llm_initialized": loaded and self.lm_name is not None}))
 
     # Upstream's /v1/lora/* change the one model of its one process. Here adapters are per job (`lora`,
     # `lora_scale`) on every replica, so nothing global changes: `status` lists each model's adapters, `load` checks
@@ -682,6 +685,10 @@ class Ingress:
             raise HTTPException(422, f"batch_size: must be <= {queue.max_outputs_per_job} on this server "
                                      f"(got {params.batch_size})")
         self._check_cost(params, params.audio_duration)
+        if params.needs_lm and self.lm_name is None:
+            field = next(f for f in ("thinking", "sample_mode", "sample_query", "use_format") if getattr(params, f))
+            raise HTTPException(400, f"{field}: needs the 5 Hz language model, which this server does not run "
+                                     f"(its config has no `lm`)")
         model = self._model(params)
         if params.task_type not in model.tasks:
             raise HTTPException(400, f"task_type: model {model.name!r} ({model.variant} variant) does not "

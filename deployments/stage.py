@@ -160,7 +160,7 @@ class StageReplica:
         which reports to the registry as `<stage>:<name>` (the default model's as `<stage>`)."""
         configure_replica_logging()
         self.stage_key = self.stage if served_as is None else f"{self.stage}:{served_as}"
-        self.guard = EngineGuard(self.stage, model.threads(self.stage))
+        self.guard = EngineGuard(self.stage, model.threads(self.stage) if hasattr(model, "threads") else None)
         if simulate is None:
             self.engine = await self.guard.run(self.engine_class, model)
         else:

@@ -29,18 +29,11 @@ STAGE_PROGRESS = {"queued": 0.0, "starting": 0.02, "retry_wait": 0.02, "encode_a
                   "diffusion": 0.15, "decode": 0.9, "write": 0.97, "done": 1.0}
 DIFFUSION_SHARE = STAGE_PROGRESS["decode"] - STAGE_PROGRESS["diffusion"]
 TRUE_TEXT = {"1", "true", "yes", "y", "on"}  # upstream's `_to_bool`
-# Upstream parameters that would change what a job makes and need what this server does not run: a 400 naming
-# them, not music made from something else. Flags (upstream spellings), then texts, each with why.
-UNSUPPORTED_FLAGS: dict[str, str] = {
-    **dict.fromkeys(("sample_mode", "sampleMode"),
-                    "sample mode needs upstream's 5 Hz language model, which this server does not run"),
-    **dict.fromkeys(("analysis_only", "analysisOnly", "full_analysis_only", "fullAnalysisOnly", "extract_codes_only",
-                     "extractCodesOnly"), "audio analysis and code extraction are not served here"),
-}
-UNSUPPORTED_TEXTS: dict[str, str] = dict.fromkeys(
-    ("sample_query", "sampleQuery", "description", "desc"),
-    "writing the caption from a description needs upstream's 5 Hz language model, which this server does not run; "
-    "send `prompt` (or `caption`) instead")
+# Upstream flags that would change what a job makes and need what this server does not run: a 400 naming them, not
+# music made from something else.
+UNSUPPORTED_FLAGS: dict[str, str] = dict.fromkeys(
+    ("analysis_only", "analysisOnly", "full_analysis_only", "fullAnalysisOnly", "extract_codes_only",
+     "extractCodesOnly"), "audio analysis and code extraction are not served here")
 
 
 # -- the wire shapes (OpenAPI documentation; the answers are built as plain dicts below) -------------------------
@@ -111,9 +104,9 @@ class InventoryModel(ModelEntry):
 class ModelInventory(BaseModel):
     models: list[InventoryModel] = Field(description="The DiT models, with their load state and tasks.")
     default_model: str = Field(description="The model used when a request names none.")
-    lm_models: list[Any] = Field(description="Always empty: this server runs no 5 Hz language model.")
-    loaded_lm_model: str | None = Field(description="Always null (no language model).")
-    llm_initialized: bool = Field(description="Always false (no language model).")
+    lm_models: list[Any] = Field(description="The 5 Hz language model's name, when the app runs one (`lm`).")
+    loaded_lm_model: str | None = Field(description="The 5 Hz language model, or null without one.")
+    llm_initialized: bool = Field(description="The 5 Hz language model is loaded (false without one).")
 
 
 class ModelInventoryResponse(Envelope):
@@ -127,9 +120,9 @@ class HealthData(BaseModel):
     service: str = Field(description='"ACE-Step API".')
     version: str = Field(description="The API's version.")
     models_initialized: bool = Field(description="Every stage has loaded its model (as `/readyz` checks).")
-    llm_initialized: bool = Field(description="Always false: this server runs no 5 Hz language model.")
+    llm_initialized: bool = Field(description="The 5 Hz language model is loaded (false without one).")
     loaded_model: str | None = Field(description="The DiT model this deployment serves.")
-    loaded_lm_model: str | None = Field(description="Always null (no language model).")
+    loaded_lm_model: str | None = Field(description="The 5 Hz language model, or null without one.")
 
 
 class HealthResponse(Envelope):
@@ -181,14 +174,11 @@ def submitted(answer: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def check_supported(raw: Mapping[str, Any]) -> None:
-    """400 for an upstream parameter asking for what this server cannot do (`UNSUPPORTED_FLAGS`, `_TEXTS`)."""
+    """400 for an upstream flag asking for what this server does not do (`UNSUPPORTED_FLAGS`)."""
     for key, value in raw.items():
-        flag = key in UNSUPPORTED_FLAGS and (value if isinstance(value, bool) else isinstance(value, (str, int, float))
-                                             and str(value).strip().lower() in TRUE_TEXT)
-        text = key in UNSUPPORTED_TEXTS and isinstance(value, str) and bool(value.strip())
-        if flag or text:
-            why = UNSUPPORTED_FLAGS.get(key) or UNSUPPORTED_TEXTS[key]
-            raise HTTPException(400, f"{key}: {why} (got {_shown(value)})")
+        if key in UNSUPPORTED_FLAGS and (value if isinstance(value, bool) else isinstance(value, (str, int, float))
+                                         and str(value).strip().lower() in TRUE_TEXT):
+            raise HTTPException(400, f"{key}: {UNSUPPORTED_FLAGS[key]} (got {_shown(value)})")
 
 
 def parse_task_ids(value: Any) -> list[str]:
@@ -252,7 +242,7 @@ def result_items(view: Mapping[str, Any], progress: float, stage: str) -> list[d
                                                                "timesignature")},
                   "prompt": prompt, "lyrics": lyrics},
         "generation_info": result.get("generation_info", ""), "seed_value": result.get("seed_value", ""),
-        "lm_model": "", "dit_model": result.get("dit_model", ""),
+        "lm_model": result.get("lm_model", ""), "dit_model": result.get("dit_model", ""),
     }
     return [_item(status, created, file=url, progress=progress, stage=stage, error=None, **common)
             for url in result.get("audio_paths") or [""]]

@@ -532,9 +532,10 @@ class JobRegistry:
                 self._notify()
         return lost
 
-    async def report_steps(self, steps: dict[str, tuple[int, int]]) -> list[str]:
-        """Diffusion progress from the DiT stage, `{attempt_id: (step, total)}`; answers which of these attempts
-        no longer run (canceled, timed out, lease lost, superseded by a later attempt), so the DiT drops them."""
+    async def report_steps(self, steps: dict[str, tuple[int, int]], stage: str = "diffusion") -> list[str]:
+        """Progress from a stage that runs jobs step by step, `{attempt_id: (step, total)}`: the DiT's diffusion
+        steps, the LM's tokens (`stage` "lm"). Answers which of these attempts no longer run (canceled, timed out,
+        lease lost, superseded by a later attempt), so the stage drops them."""
         self._reap()
         stopped = []
         for attempt, (step, total) in steps.items():
@@ -542,7 +543,7 @@ class JobRegistry:
             if job is None or job.driver_id is None:
                 stopped.append(attempt)
             else:
-                job.progress = {"stage": "diffusion", "step": step, "total": total}
+                job.progress = {"stage": stage, "step": step, "total": total}
         if len(stopped) < len(steps):
             self._notify()
         return stopped

@@ -47,6 +47,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "repainting_end": ("repaintingEnd",),
     "model": ("dit_model", "ditModel", "model_name", "modelName"),
     "lora": ("lora_name", "adapter_name"),
+    "sample_query": ("description", "desc"),
 }
 # Where upstream L looked for nested metadata: the first truthy of these keys, a dict or a JSON object string.
 NESTED_KEYS = ("metas", "meta", "metadata", "user_metadata", "userMetadata")
@@ -119,6 +120,27 @@ class GenerateRequest(BaseModel):
     timesteps: list[float] | None = Field(None, min_length=1, max_length=200, description=(
         "Custom timestep schedule in (0, 1], descending; overrides inference_steps and shift."))
     model: str | None = Field(None, max_length=256, description="DiT model name from /v1/models; null: default.")
+    thinking: bool = Field(False, description=(
+        "Run the 5 Hz language model's plan: its metadata for what you left empty (phase 1), then duration x 5 audio "
+        "codes that the DiT follows (phase 2). Needs the server's `lm`; cover, repaint and extract skip the LM."))
+    use_cot_metas: bool = Field(True, description="When the LM runs: it writes the metadata you left empty.")
+    use_cot_caption: bool = Field(True, description=(
+        "When the LM runs: it rewrites the caption. With no LM on the server these three are ignored, as upstream."))
+    use_cot_language: bool = Field(True, description="When the LM runs: it chooses the vocal language.")
+    sample_mode: bool = Field(False, description=(
+        "The LM writes caption, lyrics and metadata from `sample_query` (a description). Needs the server's `lm`."))
+    sample_query: str = Field("", max_length=4096, description="Sample mode's description of the song.")
+    use_format: bool = Field(False, description=(
+        "The LM rewrites the given caption and lyrics into its format and adds metadata. Needs the server's `lm`."))
+    lm_temperature: float = Field(0.85, ge=0.0, le=2.0, allow_inf_nan=False, description="LM sampling temperature; "
+                                  "0 is greedy.")
+    lm_cfg_scale: float = Field(2.5, ge=0.0, le=10.0, allow_inf_nan=False, description=(
+        "LM classifier-free guidance for the codes; above 1 it runs an unconditional row beside each answer."))
+    lm_negative_prompt: str = Field("NO USER INPUT", max_length=4096, description="The unconditional row's prompt.")
+    lm_top_k: int | None = Field(None, ge=0, le=1000, description="LM top-k; null or 0: off.")
+    lm_top_p: float | None = Field(0.9, gt=0.0, le=1.0, allow_inf_nan=False, description="LM nucleus; 1: off.")
+    lm_repetition_penalty: float = Field(1.0, ge=0.5, le=2.0, allow_inf_nan=False, description=(
+        "LM repetition penalty; 1: off."))
     lora: str | None = Field(None, max_length=128, description=(
         "A LoRA adapter of the model, by name (GET /v1/lora/status lists them): the job's DiT passes run with it. "
         "Null: the model as it is."))
@@ -232,6 +254,11 @@ class GenerateRequest(BaseModel):
     @property
     def num_outputs(self) -> int:
         return 2 if self.batch_size is None else self.batch_size
+
+    @property
+    def needs_lm(self) -> bool:
+        """Asks for what only the LM does (upstream's `require_llm`); `use_cot_*` alone only shape it when it runs."""
+        return self.thinking or self.sample_mode or bool(self.sample_query.strip()) or self.use_format
 
 
 def normalize_payload(raw: Mapping[str, Any]) -> dict[str, Any]:

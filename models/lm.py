@@ -148,18 +148,24 @@ def build_lm_preset(name: str, seed: int = 0) -> tuple[Qwen3ForCausalLM, Any]:
     return model, tokenizer
 
 
+def check_lm_dir(checkpoint_dir: str) -> Path:
+    """The LM checkpoint directory, or `CheckpointError` naming what it lacks (the app checks it at deploy time)."""
+    root = Path(checkpoint_dir).expanduser()
+    if not root.is_dir():
+        raise CheckpointError(f"LM checkpoint_dir {str(root)!r} is not a directory")
+    missing = [name for name in ("config.json", "tokenizer_config.json") if not (root / name).is_file()]
+    if missing:
+        raise CheckpointError(f"LM checkpoint_dir {str(root)!r} is incomplete: missing {', '.join(missing)}")
+    return root
+
+
 def load_lm(config: LMConfig) -> tuple[Qwen3ForCausalLM, Any]:
     """The configured model (on its device and dtype, eval) and tokenizer; nothing is downloaded."""
     start = time.perf_counter()
     if config.checkpoint_dir is None:
         model, tokenizer = build_lm_preset(config.preset, seed=config.seed)
     else:
-        root = Path(config.checkpoint_dir).expanduser()
-        if not root.is_dir():
-            raise CheckpointError(f"LM checkpoint_dir {str(root)!r} is not a directory")
-        missing = [name for name in ("config.json", "tokenizer_config.json") if not (root / name).is_file()]
-        if missing:
-            raise CheckpointError(f"LM checkpoint_dir {str(root)!r} is incomplete: missing {', '.join(missing)}")
+        root = check_lm_dir(config.checkpoint_dir)
         try:
             model = AutoModelForCausalLM.from_pretrained(root, local_files_only=True)
             tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True)

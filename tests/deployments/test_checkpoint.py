@@ -77,3 +77,8 @@ def test_further_models_are_checked_at_build_time():
                                    "models": [{"preset": "tiny-base", "seed": 5}]})
     [extra] = args.models
     assert (extra.preset, extra.dtype, extra.seed, extra.checkpoint_dir) == ("tiny-base", "bfloat16", 5, None)
+
+
+def test_a_missing_lm_checkpoint_fails_at_build_time(tmp_path):
+    with pytest.raises(CheckpointError, match="LM checkpoint_dir .* is not a directory"):
+        build_app({"lm": {"checkpoint_dir": str(tmp_path / "absent")}})

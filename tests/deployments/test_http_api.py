@@ -148,7 +148,7 @@ def test_unsupported_content_type_is_415(client, headers, body, shown):
 def test_aliases_nested_metas_and_coercion(client):
     view = run_job(client, {"prompt": "aliased", "inferenceSteps": "3", "audioDuration": "1.5", "batchSize": 1,
                             "metas": json.dumps({"bpm": "100", "keyscale": "D minor", "timeSignature": "3"}),
-                            "some_unknown_key": {"deep": [1, 2]}, "thinking": True})
+                            "some_unknown_key": {"deep": [1, 2]}})
     result = view["result"]
     assert (result["bpm"], result["keyscale"], result["timesignature"]) == (100, "D minor", "3")
     assert result["duration"] == 1.5 and result["metas"]["caption"] == "aliased"

@@ -51,7 +51,8 @@ def test_every_configured_deployment_exists_in_the_app():
     for config in (serve_config_for_k8s(), yaml.safe_load((ROOT / "serve_config.yaml").read_text())):
         [application] = config["applications"]
         args = application["args"]  # the weights volume exists only in the pod: build the same graph on the preset
-        graph = app_deployments(build_app({**args, "model": {**args["model"], "checkpoint_dir": None}}))
+        graph = app_deployments(build_app({**args, "model": {**args["model"], "checkpoint_dir": None},
+                                           "lm": {**args["lm"], "checkpoint_dir": None}}))
         assert {d["name"] for d in application["deployments"]} == set(graph)
         assert application["import_path"] == "deployments.app:build_app"
 

@@ -97,7 +97,7 @@ def audio_info(client: httpx.Client, url: str) -> Any:
 def test_json_submit_poll_download_and_the_same_job_in_the_seed_api(client):
     task_id = release(client, json={"prompt": "upbeat pop", "lyrics": "[verse]\nhello", "audio_duration": 1,
                                     "inference_steps": 2, "batch_size": 2, "audio_format": "wav",
-                                    "use_random_seed": False, "seed": "11,12", "thinking": True})
+                                    "use_random_seed": False, "seed": "11,12"})
     item = wait_v2(client, task_id)
     entries = files_of(item)
     assert len(entries) == 2 and len({e["file"] for e in entries}) == 2
@@ -318,8 +318,9 @@ def test_progress_follows_the_stages():
 
 
 def test_unsupported_upstream_parameters_are_named():
-    upstream_api.check_supported({"thinking": True, "use_format": True, "sample_mode": "false", "description": ""})
-    for raw in ({"sample_mode": "true"}, {"sampleMode": True}, {"desc": "x"}, {"extract_codes_only": 1}):
+    upstream_api.check_supported({"thinking": True, "use_format": True, "sample_mode": True, "description": "x",
+                                  "analysis_only": "false"})  # the LM's fields are the ingress's to check
+    for raw in ({"analysis_only": "true"}, {"fullAnalysisOnly": True}, {"extract_codes_only": 1}):
         with pytest.raises(HTTPException) as info:
             upstream_api.check_supported(raw)
         assert info.value.status_code == 400 and next(iter(raw)) in info.value.detail
