@@ -1,7 +1,7 @@
 """Tokens per second of the 5 Hz LM engine: jobs one at a time vs all in one continuous batch.
 
-    python -m benchmarks.lm_throughput                       # tiny preset, 8 jobs, 10 s of codes each, CFG on
-    python -m benchmarks.lm_throughput --preset 0.6B --device cuda --dtype bfloat16 --jobs 16 --duration 30
+    acestep-bench --lm                                       # tiny preset, 8 jobs, 10 s of codes each, CFG on
+    acestep-bench --lm --preset 0.6B --device cuda --dtype bfloat16 --jobs 16 --duration 30
 
 `measure(engine, requests)` is what a benchmark calls: it runs the requests one at a time (each job alone in every
 step), then all at once (every job in every step until it ends), and reports the tokens written (CFG rows count
@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
+
+import torch
 
 from models.lm import LMConfig, LMEngine, LMRequest
 
@@ -41,8 +43,8 @@ def example_requests(jobs: int, duration: float, cfg_scale: float) -> list[LMReq
             for i in range(jobs)]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="acestep-bench --lm", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--checkpoint-dir", default=None)
     parser.add_argument("--device", default="auto")
@@ -50,12 +52,15 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=8)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--cfg-scale", type=float, default=2.5)
-    args = parser.parse_args()
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: as a num_cpus: 0 replica)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     engine = LMEngine(LMConfig(preset=args.preset, checkpoint_dir=args.checkpoint_dir, device=args.device,
                                dtype=args.dtype, max_caption_tokens=64))
     engine.warm_up()
     print(json.dumps(measure(engine, example_requests(args.jobs, args.duration, args.cfg_scale)), indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

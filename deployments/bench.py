@@ -228,11 +228,16 @@ def _free_port() -> int:
 def main(argv: list[str] | None = None) -> int:
     early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     early.add_argument("--gpu-check", action="store_true")
+    early.add_argument("--lm", action="store_true")
     known, rest = early.parse_known_args(argv)
     if known.gpu_check:  # every other argument is benchmarks/gpu_check.py's
         from benchmarks.gpu_check import main as gpu_check
 
         return gpu_check(rest)
+    if known.lm:  # likewise benchmarks/lm_throughput.py's
+        from benchmarks.lm_throughput import main as lm_throughput
+
+        return lm_throughput(rest)
     parser = argparse.ArgumentParser(prog="acestep-bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpu-check", action="store_true", help="run the one-shot GPU check instead "
                         "(benchmarks/gpu_check.py: in-process phases, then the app over HTTP); the other arguments "
@@ -257,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--simulate", metavar="NAME_OR_PATH", default=None, help="capacity simulation instead: the "
                         "real app with stages that sleep a cost model's time (cpu, gpu or a cost file's path; "
                         "deployments/simulate.py). The options above it gives change its workload")
+    parser.add_argument("--lm", action="store_true", help="measure the 5 Hz LM's tokens/s instead, one job at a "
+                        "time and continuously batched in one run (benchmarks/lm_throughput.py; see "
+                        "`acestep-bench --lm --help`)")
     parser.add_argument("--control-plane", action="store_true", help="measure polls and submissions through the "
                         "HTTP front door instead (deployments/bench_control.py; its options are the --cp-* ones)")
     from deployments import bench_control
