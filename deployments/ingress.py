@@ -600,6 +600,57 @@ class Ingress:
     async def lora_scale(self) -> JSONResponse:
         raise HTTPException(400, "scale: adapters are per job here; set the job's `lora_scale` (0 to 2)")
 
+    # The LM's own routes (upstream's shapes, in its envelope): one LM job each, batched with the running jobs.
+    @api.post("/format_input", responses={200: {"description": "The LM's caption, lyrics and metadata"},
+                                          **_errors({400: "No LM on this server, or a malformed param_obj",
+                                                     422: "A value out of range", **_BODY_ERRORS}), **_AUTH})
+    async def format_input(self, request: Request) -> JSONResponse:
+        """Upstream's `{prompt, lyrics, temperature, param_obj}`: the LM rewrites caption and lyrics and adds the
+        metadata `param_obj` leaves empty (what it gives is kept)."""
+        raw = await self._lm_body(request)
+        lm_request, given = upstream_api.format_request(raw, f"format-{uuid.uuid4().hex[:12]}")
+        return JSONResponse(upstream_api.envelope(upstream_api.formatted(await self._run_lm(lm_request), given)))
+
+    @api.post("/v1/create_sample", responses={200: {"description": "The LM's caption, lyrics and metadata"},
+                                              **_errors({400: "No LM on this server", 422: "A value out of range",
+                                                         **_BODY_ERRORS}), **_AUTH})
+    async def create_sample(self, request: Request) -> JSONResponse:
+        """Upstream's `{query, instrumental, vocal_language, temperature}`: the LM writes a song's caption, lyrics
+        and metadata from a description (sample mode)."""
+        raw = await self._lm_body(request)
+        lm_request, given = upstream_api.sample_request(raw, f"sample-{uuid.uuid4().hex[:12]}")
+        return JSONResponse(upstream_api.envelope(upstream_api.sampled(await self._run_lm(lm_request), given)))
+
+    @api.post("/create_random_sample", responses={200: {"description": "A built-in example"},
+                                                  **_errors({400: "Unknown sample_type", **_BODY_ERRORS}), **_AUTH})
+    async def create_random_sample(self, request: Request) -> JSONResponse:
+        """Upstream's `{sample_type}`: a built-in example, `simple_mode` (a description for sample mode, the
+        default) or `custom_mode` (a whole request). No LM needed."""
+        raw, uploads = await self._parse_authorized(request)
+        for upload in uploads.values():
+            upload.close()
+        return JSONResponse(upstream_api.envelope(upstream_api.random_sample(raw)))
+
+    async def _lm_body(self, request: Request) -> dict[str, Any]:
+        raw, uploads = await self._parse_authorized(request)
+        for upload in uploads.values():
+            upload.close()
+        if self.lm_name is None:
+            raise HTTPException(400, f"{request.url.path} needs the 5 Hz language model, which this server does not "
+                                     f"run (its config has no `lm`)")
+        return raw
+
+    async def _run_lm(self, lm_request: Any) -> Any:
+        try:
+            result, _ = await self.stages["LanguageModel"].generate.remote(lm_request, 0, False)
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if isinstance(exc.cause, Exception) else exc
+            if isinstance(cause, ValueError):  # the engine refused the request's values
+                raise HTTPException(422, str(cause).splitlines()[0]) from None
+            logger.error("language model call failed: %s", cause)
+            raise HTTPException(503, "the language model failed; try again") from None
+        return result
+
     async def _parse_authorized(self, request: Request) -> tuple[dict[str, Any], dict[str, Upload]]:
         """`_parse_body`, and where the middleware found no valid key in the header, the body's `ai_token` must be
         one (upstream v2's routes); a client without a key learns nothing about its body."""

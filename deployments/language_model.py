@@ -41,6 +41,7 @@ class LanguageModel(StageReplica):
         await self.start(config, registry_name, queue, files)
         self.config = LMBatchingConfig()
         self.jobs: dict[LMState, tuple[asyncio.Future, dict]] = {}  # in arrival order: the first join first
+        self.tracked: set[LMState] = set()  # the registry's jobs among them
         self.wake = asyncio.Event()
         self.reported = 0.0
         self.runner = asyncio.get_running_loop().create_task(self._run())
@@ -54,8 +55,10 @@ class LanguageModel(StageReplica):
     def in_flight(self) -> int:
         return len(self.jobs)
 
-    async def generate(self, request: LMRequest, company: int = 1) -> tuple[LMResult, dict]:
-        """The job's plan (metadata, caption, lyrics, codes), and its stamps for the timeline."""
+    async def generate(self, request: LMRequest, company: int = 1, job: bool = True) -> tuple[LMResult, dict]:
+        """The job's plan (metadata, caption, lyrics, codes), and its stamps for the timeline. `job`: the request
+        is an attempt of a registry job (its tag the attempt id), whose progress is reported; the ingress's own
+        requests (`/format_input`, `/v1/create_sample`) are not."""
         stamps = {"arrived": time.time()}
         state = await self.guard.run(self.engine.start, request)  # a request the engine cannot run: ValueError
         if state.done:  # nothing to write (every field given)
@@ -63,11 +66,14 @@ class LanguageModel(StageReplica):
             return state.result, stamps
         done = asyncio.get_running_loop().create_future()
         self.jobs[state] = (done, stamps)
+        if job:
+            self.tracked.add(state)
         self.wake.set()
         try:
             result = await done
         finally:
             self.jobs.pop(state, None)  # canceled: it leaves the batch before the next step
+            self.tracked.discard(state)
         self.observe_latency(stamps["finished"] - stamps["arrived"])
         return result, stamps
 
@@ -104,7 +110,7 @@ class LanguageModel(StageReplica):
         """Each job's tokens (or, writing codes, codes) done and total to the registry; the jobs it says no longer
         run are dropped."""
         progress = {}
-        for state in self.jobs:
+        for state in self.tracked:
             _, written, total = state.progress()
             progress[state.request.tag] = (written, total)
         try:
@@ -112,8 +118,9 @@ class LanguageModel(StageReplica):
         except Exception:  # the registry restarting: progress waits for the next report
             logger.warning("lm: progress report failed", exc_info=True)
             return
-        for state, (done, _) in list(self.jobs.items()):
-            if state.request.tag in stopped and not done.done():
+        for state in [s for s in self.tracked if s.request.tag in stopped]:
+            done, _ = self.jobs[state]
+            if not done.done():
                 done.cancel()
                 self.jobs.pop(state, None)
                 logger.info("job %s: stopped in the LM (no longer runs)", state.request.tag)

@@ -10,17 +10,23 @@ JSON *string* holding one item per output file.
 from __future__ import annotations
 
 import json
+import random
 import time
+from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from fastapi import HTTPException
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from jobs.schemas import describe_validation_error
+from models.lm import LMRequest, LMResult
 
 # Routes only v2 clients call: their answers, errors included, are enveloped.
 ROUTES = ("/release_task", "/query_result", "/v1/model_inventory", "/v1/lora/status", "/v1/lora/load",
-          "/v1/lora/unload", "/v1/lora/toggle", "/v1/lora/scale")
+          "/v1/lora/unload", "/v1/lora/toggle", "/v1/lora/scale", "/format_input", "/v1/create_sample",
+          "/create_random_sample")
 # Routes whose body may carry the API key as `ai_token` (upstream's "Method A").
-BODY_TOKEN_ROUTES = ("/release_task", "/query_result")
+BODY_TOKEN_ROUTES = ("/release_task", "/query_result", "/format_input", "/v1/create_sample", "/create_random_sample")
 STATUS_CODES = {"queued": 0, "running": 0, "succeeded": 1, "failed": 2, "canceled": 2}
 MAX_TASK_IDS = 100  # per /query_result: one registry call answers them all
 ENV = "development"  # upstream's default `env` of a result item; it carries no meaning here
@@ -282,3 +288,97 @@ def _progress_text(view: Mapping[str, Any]) -> str:
     if progress.get("stage") == "diffusion" and progress.get("total"):
         return f"running: diffusion step {progress['step']}/{progress['total']}"
     return f"running: {progress.get('stage', 'starting')}"
+
+
+# -- the LM's own routes: /format_input, /v1/create_sample, /create_random_sample ----------------------------------
+EXAMPLES = Path(__file__).parent / "examples" / "samples.json"
+
+
+class FormatInput(BaseModel):
+    """`/format_input`'s body (`param_obj`'s keys flattened in): what the LM rewrites, and what it must keep."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field("", max_length=4096, description="The caption to rewrite.")
+    lyrics: str = Field("", max_length=16384, description="The lyrics to rewrite.")
+    temperature: float = Field(0.85, ge=0.0, le=2.0, allow_inf_nan=False, description="LM sampling temperature.")
+    bpm: int | None = Field(None, ge=30, le=300, description="Kept as given (param_obj).")
+    duration: float | None = Field(None, ge=1.0, le=600.0, allow_inf_nan=False, description="Kept (param_obj).")
+    key_scale: str = Field("", max_length=64, description="Kept as given (param_obj `key` or `key_scale`).")
+    time_signature: str = Field("", max_length=16, description="Kept as given (param_obj).")
+    language: str = Field("", max_length=16, description="Kept as given (param_obj); empty or unknown: the LM's.")
+
+
+class CreateSample(BaseModel):
+    """`/v1/create_sample`'s body."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    query: str = Field("", max_length=4096, description="The song, described in words (empty: the LM's own idea).")
+    instrumental: bool = Field(False, description="No vocals.")
+    vocal_language: str = Field("unknown", max_length=16, description="unknown: the LM chooses.")
+    temperature: float = Field(0.85, ge=0.0, le=2.0, allow_inf_nan=False, description="LM sampling temperature.")
+
+
+def _validated(model: type[BaseModel], raw: Mapping[str, Any]) -> Any:
+    values = {k: v for k, v in raw.items() if v not in (None, "")}  # upstream: empty means absent
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        raise HTTPException(*describe_validation_error(exc)) from None
+
+
+def format_request(raw: Mapping[str, Any], tag: str) -> tuple[LMRequest, FormatInput]:
+    """The LM job `/format_input` asks for: format alone (no phase 1, no codes), the user's metadata kept."""
+    params = raw.get("param_obj") or {}
+    if isinstance(params, str):
+        try:
+            params = json.loads(params)
+        except (ValueError, RecursionError):
+            raise HTTPException(400, f"param_obj: must be a JSON object (got {_shown(params)})") from None
+    if not isinstance(params, Mapping):
+        raise HTTPException(400, f"param_obj: must be a JSON object (got {_shown(params)})")
+    given = _validated(FormatInput, {**raw, "key_scale": params.get("key") or params.get("key_scale"),
+                                     **{k: params.get(k) for k in ("bpm", "duration", "language")},
+                                     "time_signature": params.get("time_signature") or raw.get("time_signature")})
+    request = LMRequest(caption=given.prompt, lyrics=given.lyrics, bpm=given.bpm, keyscale=given.key_scale or None,
+                        timesignature=given.time_signature or None, duration=given.duration,
+                        language=None if given.language in ("", "unknown") else given.language, use_format=True,
+                        use_cot_metas=False, use_cot_caption=False, use_cot_language=False,
+                        lm_temperature=given.temperature, tag=tag)
+    return request, given
+
+
+def formatted(result: LMResult, given: FormatInput) -> dict[str, Any]:
+    meta = result.metadata
+    return {"caption": result.caption or given.prompt, "lyrics": result.lyrics or given.lyrics,
+            "bpm": meta.bpm or given.bpm, "key_scale": meta.keyscale or given.key_scale,
+            "time_signature": meta.timesignature or given.time_signature, "duration": meta.duration or given.duration,
+            "vocal_language": meta.language or given.language or "unknown"}
+
+
+def sample_request(raw: Mapping[str, Any], tag: str) -> tuple[LMRequest, CreateSample]:
+    """The LM job `/v1/create_sample` asks for: sample mode alone."""
+    given = _validated(CreateSample, raw)
+    request = LMRequest(sample_mode=True, sample_query=given.query, instrumental=given.instrumental,
+                        language=None if given.vocal_language in ("", "unknown") else given.vocal_language,
+                        use_cot_metas=False, use_cot_caption=False, use_cot_language=False,
+                        lm_temperature=given.temperature, tag=tag)
+    return request, given
+
+
+def sampled(result: LMResult, given: CreateSample) -> dict[str, Any]:
+    meta = result.metadata
+    return {"caption": result.caption, "lyrics": result.lyrics, "bpm": meta.bpm, "keyscale": meta.keyscale or "",
+            "duration": meta.duration, "timesignature": meta.timesignature or "",
+            "vocal_language": meta.language or given.vocal_language}
+
+
+def random_sample(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """`/create_random_sample`: one of the built-in examples (`sample_type` simple_mode, the default, is a
+    description for sample mode; custom_mode a full request)."""
+    kind = raw.get("sample_type") or "simple_mode"
+    examples = json.loads(EXAMPLES.read_text())
+    if kind not in examples:
+        raise HTTPException(400, f"sample_type: must be one of {sorted(examples)} (got {_shown(kind)})")
+    return random.choice(examples[kind])

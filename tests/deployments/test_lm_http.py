@@ -88,3 +88,34 @@ def test_a_server_without_an_lm_refuses_what_needs_one(client, field, value):
                                          "(its config has no `lm`)")
     assert submit(client, json={"use_cot_caption": True, "use_cot_language": True, "audio_duration": 1,
                                 "batch_size": 1, "inference_steps": 1}).status_code == 200  # defaults are fine
+
+
+def test_format_input_and_create_sample_answer_upstreams_shapes(lm):
+    formatted = lm.post("/format_input", json={"prompt": "rock song", "lyrics": "[verse]\nla la",
+                                               "param_obj": '{"bpm": 120, "duration": 30}'}).json()
+    assert formatted["code"] == 200, formatted
+    data = formatted["data"]
+    assert set(data) == {"caption", "lyrics", "bpm", "key_scale", "time_signature", "duration", "vocal_language"}
+    assert (data["bpm"], data["duration"]) == (120, 30)  # given, so kept
+    assert data["key_scale"] and data["time_signature"]  # the LM's
+    sample = lm.post("/v1/create_sample", data={"query": "a soft love song", "instrumental": "false"}).json()
+    assert sample["code"] == 200, sample
+    assert set(sample["data"]) == {"caption", "lyrics", "bpm", "keyscale", "duration", "timesignature",
+                                   "vocal_language"}
+    assert sample["data"]["caption"] and 30 <= sample["data"]["bpm"] <= 300
+    bad = lm.post("/format_input", json={"param_obj": "{not json"})
+    assert bad.status_code == 400 and bad.json()["error"].startswith("param_obj: must be a JSON object")
+    assert lm.post("/v1/create_sample", json={"temperature": 9}).status_code == 422
+
+
+def test_random_samples_need_no_lm_and_the_lm_routes_do(client):
+    simple = client.post("/create_random_sample", json={}).json()["data"]
+    assert set(simple) == {"description", "instrumental", "vocal_language"}
+    custom = client.post("/create_random_sample", json={"sample_type": "custom_mode"}).json()["data"]
+    assert {"caption", "lyrics", "bpm", "duration", "keyscale", "timesignature"} <= set(custom)
+    assert client.post("/create_random_sample", json={"sample_type": "x"}).status_code == 400
+    for path in ("/format_input", "/v1/create_sample"):
+        response = client.post(path, json={"prompt": "x", "query": "y"})
+        assert response.status_code == 400 and response.json()["code"] == 400
+        assert response.json()["error"] == (f"{path} needs the 5 Hz language model, which this server does not run "
+                                             "(its config has no `lm`)")
