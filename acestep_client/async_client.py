@@ -7,6 +7,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,12 @@ try:
 except ImportError:  # pragma: no cover - Python < 3.11
     from typing_extensions import Unpack
 
-from acestep_client.client import (DEFAULT_SERVER, LONG_POLL_S, TERMINAL, client_headers, final_view, job_path,
-                                   long_poll_timeout, output_files, write_file)
-from acestep_client.errors import APIConnectionError, ConflictError, WaitTimeoutError, error_from_response
+from acestep_client.client import (DEFAULT_SERVER, LONG_POLL_S, TERMINAL, client_headers, events_request,
+                                   final_view, job_path, long_poll_timeout, no_event_stream, output_files,
+                                   remaining_s, write_file)
+from acestep_client.errors import (APIConnectionError, ConflictError, NotFoundError, WaitTimeoutError,
+                                   error_from_response)
+from acestep_client.event_stream import EventStreamDecoder, NoEventStream, events_timeout, is_event_stream
 from acestep_client.progress import Progress, progress_display
 from acestep_client.request import AudioInput, GenerateFields, build_submit
 from acestep_client.retry import RETRY_ERRORS, RETRY_STATUSES, RetryPolicy
@@ -36,6 +40,7 @@ class AsyncClient:
         self.base_url, self.timeout, self.retry = base_url.rstrip("/"), timeout, retry
         self._http = httpx.AsyncClient(base_url=self.base_url, headers=client_headers(api_key), timeout=timeout,
                                        transport=transport)
+        self._events = True  # whether the server has job event streams (False once one answered "no such route")
 
     async def generate(self, *, src_audio: AudioInput | None = None, reference_audio: AudioInput | None = None,
                        idempotency_key: str | None = None, **fields: Unpack[GenerateFields]) -> "AsyncJob":
@@ -69,11 +74,65 @@ class AsyncClient:
     async def audio(self, key: str) -> bytes:
         return (await self._request("GET", "/v1/audio", params={"path": key})).content
 
-    async def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+    async def _follow(self, job_id: str, deadline: float | None = None) -> AsyncIterator[JobView]:
+        """`Client._follow`: the job's views from its event stream, or by long-polls from a server without one."""
+        if self._events:
+            try:
+                async for view in self._follow_events(job_id, deadline):
+                    yield view
+                return
+            except NoEventStream as exc:
+                logger.info("%s has no job event stream (%s); long-polling", self.base_url, exc)
+                self._events = False
+        view = await self.view(job_id)
+        while True:
+            yield view
+            remaining = remaining_s(deadline)
+            if view.status in TERMINAL or (remaining is not None and remaining <= 0):
+                return
+            view = await self.view(job_id, wait=LONG_POLL_S if remaining is None else min(remaining, LONG_POLL_S))
+
+    async def _follow_events(self, job_id: str, deadline: float | None) -> AsyncIterator[JobView]:
+        """`Client._follow_events`: reconnects with Last-Event-ID when the stream drops before its `end` event."""
+        last_id, drops = None, 0
+        while True:
+            url, headers = events_request(job_id, last_id)
+            try:
+                response = await self._request("GET", url, headers=headers, stream=True,
+                                               timeout=events_timeout(self.timeout, remaining_s(deadline)))
+            except NotFoundError as exc:
+                raise no_event_stream(exc) or exc
+            try:
+                if not is_event_stream(response):
+                    raise NoEventStream(f"answered {response.headers.get('content-type')}")
+                decoder = EventStreamDecoder(last_id)
+                async for line in response.aiter_lines():
+                    if (event := decoder.feed(line)) is not None:
+                        last_id, drops = decoder.last_id, 0
+                        yield JobView.model_validate_json(event.data)
+                        if event.event == "end":
+                            return
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return
+                reason = "closed before the job ended"
+            except RETRY_ERRORS as exc:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return
+                reason = f"{type(exc).__name__}: {exc}"
+            finally:
+                await response.aclose()
+            if drops == self.retry.retries:
+                raise APIConnectionError(f"GET {self.base_url}{url}: {reason}")
+            delay = self.retry.delay(drops)
+            drops += 1
+            logger.warning("GET %s: %s; reconnecting in %.1f s", url, reason, delay)
+            await asyncio.sleep(delay)
+
+    async def _request(self, method: str, url: str, *, stream: bool = False, **kwargs: Any) -> httpx.Response:
         for attempt in range(self.retry.retries + 1):
             last = attempt == self.retry.retries
             try:
-                response = await self._http.request(method, url, **kwargs)
+                response = await self._http.send(self._http.build_request(method, url, **kwargs), stream=stream)
             except RETRY_ERRORS as exc:
                 if last:
                     raise APIConnectionError(f"{method} {self.base_url}{url}: {type(exc).__name__}: {exc}") from exc
@@ -84,11 +143,13 @@ class AsyncClient:
             except httpx.TransportError as exc:  # a bad URL or proxy: no retry mends it
                 raise APIConnectionError(f"{method} {self.base_url}{url}: {type(exc).__name__}: {exc}") from exc
             if response.status_code in RETRY_STATUSES and not last:
+                await response.aclose()
                 delay = self.retry.delay(attempt, response)
                 logger.warning("%s %s: %d; retry in %.1f s", method, url, response.status_code, delay)
                 await asyncio.sleep(delay)
                 continue
             if response.is_error:
+                await response.aread()  # a streamed answer's body (its `detail`); reading it closes the stream
                 raise error_from_response(response)
             return response
         raise AssertionError("unreachable")
@@ -116,21 +177,21 @@ class AsyncJob:
         return await self.client.view(self.id)
 
     async def wait(self, progress: Progress = True, timeout: float | None = None) -> JobView:
-        """`Job.wait`: long-polls until the job ends; raises for a failed or canceled job, or after `timeout`."""
+        """`Job.wait`: follows the job's event stream (long-polls on a server without one) until it ends; raises
+        for a failed or canceled job, or after `timeout`."""
         deadline = None if timeout is None else time.monotonic() + timeout
         display = progress_display(progress, self.id)
+        views = self.client._follow(self.id, deadline)
         try:
-            view = await self.status()
-            while True:
+            view = None
+            async for view in views:
                 if display is not None:
                     display(view)
                 if view.status in TERMINAL:
                     return final_view(view)
-                remaining = LONG_POLL_S if deadline is None else deadline - time.monotonic()
-                if remaining <= 0:
-                    raise WaitTimeoutError(view, timeout)
-                view = await self.client.view(self.id, wait=min(remaining, LONG_POLL_S))
+            raise WaitTimeoutError(view or await self.status(), timeout)
         finally:
+            await views.aclose()
             if display is not None:
                 display.close()
 

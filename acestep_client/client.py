@@ -1,4 +1,5 @@
-"""The blocking client: `Client.generate(...)` submits a job, `Job` follows it (long-polls), downloads, cancels."""
+"""The blocking client: `Client.generate(...)` submits a job, `Job` follows it (its event stream, or long-polls
+on a server without one), downloads, cancels."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
@@ -18,7 +20,9 @@ except ImportError:  # pragma: no cover - Python < 3.11
     from typing_extensions import Unpack
 
 from acestep_client.errors import (APIConnectionError, ConflictError, JobCanceledError, JobFailedError,
-                                   WaitTimeoutError, error_from_response)
+                                   NotFoundError, WaitTimeoutError, error_from_response)
+from acestep_client.event_stream import (EVENTS_ROUTE, JOB_NOT_FOUND, EventStreamDecoder, NoEventStream,
+                                         events_timeout, is_event_stream)
 from acestep_client.progress import Progress, progress_display
 from acestep_client.request import AudioInput, GenerateFields, build_submit
 from acestep_client.retry import RETRY_ERRORS, RETRY_STATUSES, RetryPolicy
@@ -46,6 +50,23 @@ def job_path(job_id: str) -> str:
 def long_poll_timeout(timeout: float, wait_s: float) -> httpx.Timeout:
     """The client's timeout for everything but the read, which also waits out the server's long-poll."""
     return httpx.Timeout(timeout, read=timeout + wait_s)
+
+
+def remaining_s(deadline: float | None) -> float | None:
+    return None if deadline is None else deadline - time.monotonic()
+
+
+def events_request(job_id: str, last_id: str | None) -> tuple[str, dict[str, str]]:
+    """The event stream's URL and headers (Last-Event-ID on a reconnect)."""
+    headers = {"Accept": "text/event-stream"}
+    if last_id is not None:
+        headers["Last-Event-ID"] = last_id
+    return job_path(job_id) + EVENTS_ROUTE, headers
+
+
+def no_event_stream(error: NotFoundError) -> NoEventStream | None:
+    """A 404 for the stream itself (an older server: no such route), as opposed to an unknown job."""
+    return None if error.detail == JOB_NOT_FOUND else NoEventStream(error.detail)
 
 
 def final_view(view: JobView) -> JobView:
@@ -90,15 +111,16 @@ class Client:
         paths = job.download("out/")    # [out/<job_id>-1.mp3, out/<job_id>-2.mp3]
     ```
 
-    `timeout` bounds each HTTP request (a long-poll's read gets its wait on top). Network errors and 502/503/504
-    answers are retried under `retry`; other error answers raise an `APIError` subclass at once. `transport` is
-    passed to httpx (tests use it to drop answers)."""
+    `timeout` bounds each HTTP request (a long-poll's read gets its wait on top, an event stream's the server's 15 s
+    keep-alive interval). Network errors and 502/503/504 answers are retried under `retry`; other error answers
+    raise an `APIError` subclass at once. `transport` is passed to httpx (tests use it to drop answers)."""
 
     def __init__(self, base_url: str = DEFAULT_SERVER, api_key: str | None = None, timeout: float = 30.0, *,
                  retry: RetryPolicy = RetryPolicy(), transport: httpx.BaseTransport | None = None):
         self.base_url, self.timeout, self.retry = base_url.rstrip("/"), timeout, retry
         self._http = httpx.Client(base_url=self.base_url, headers=client_headers(api_key), timeout=timeout,
                                   transport=transport)
+        self._events = True  # whether the server has job event streams (False once one answered "no such route")
 
     def generate(self, *, src_audio: AudioInput | None = None, reference_audio: AudioInput | None = None,
                  idempotency_key: str | None = None, **fields: Unpack[GenerateFields]) -> "Job":
@@ -138,12 +160,71 @@ class Client:
         """One result file's bytes (`GET /v1/audio?path=<key>`)."""
         return self._request("GET", "/v1/audio", params={"path": key}).content
 
-    def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        """One request, retried on network errors and 502/503/504; an error answer raises its `APIError`."""
+    def _follow(self, job_id: str, deadline: float | None = None) -> Iterator[JobView]:
+        """The job's views as it changes, until its final view or until `deadline` (a `time.monotonic()` time)
+        passes: from its event stream, or by long-polls from a server without one (remembered)."""
+        if self._events:
+            try:
+                yield from self._follow_events(job_id, deadline)
+                return
+            except NoEventStream as exc:
+                logger.info("%s has no job event stream (%s); long-polling", self.base_url, exc)
+                self._events = False
+        yield from self._follow_polls(job_id, deadline)
+
+    def _follow_polls(self, job_id: str, deadline: float | None) -> Iterator[JobView]:
+        view = self.view(job_id)
+        while True:
+            yield view
+            remaining = remaining_s(deadline)
+            if view.status in TERMINAL or (remaining is not None and remaining <= 0):
+                return
+            view = self.view(job_id, wait=LONG_POLL_S if remaining is None else min(remaining, LONG_POLL_S))
+
+    def _follow_events(self, job_id: str, deadline: float | None) -> Iterator[JobView]:
+        """`GET /v1/jobs/{id}/events`, reconnecting with Last-Event-ID (and backoff) when it drops or closes before
+        its `end` event; the deadline is checked at every event and keep-alive (at most 15 s apart)."""
+        last_id, drops = None, 0
+        while True:
+            url, headers = events_request(job_id, last_id)
+            try:
+                response = self._request("GET", url, headers=headers, stream=True,
+                                         timeout=events_timeout(self.timeout, remaining_s(deadline)))
+            except NotFoundError as exc:
+                raise no_event_stream(exc) or exc
+            try:
+                if not is_event_stream(response):
+                    raise NoEventStream(f"answered {response.headers.get('content-type')}")
+                decoder = EventStreamDecoder(last_id)
+                for line in response.iter_lines():
+                    if (event := decoder.feed(line)) is not None:
+                        last_id, drops = decoder.last_id, 0
+                        yield JobView.model_validate_json(event.data)
+                        if event.event == "end":
+                            return
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return
+                reason = "closed before the job ended"
+            except RETRY_ERRORS as exc:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return
+                reason = f"{type(exc).__name__}: {exc}"
+            finally:
+                response.close()
+            if drops == self.retry.retries:
+                raise APIConnectionError(f"GET {self.base_url}{url}: {reason}")
+            delay = self.retry.delay(drops)
+            drops += 1
+            logger.warning("GET %s: %s; reconnecting in %.1f s", url, reason, delay)
+            time.sleep(delay)
+
+    def _request(self, method: str, url: str, *, stream: bool = False, **kwargs: Any) -> httpx.Response:
+        """One request, retried on network errors and 502/503/504; an error answer raises its `APIError`. With
+        `stream`, the body is left unread (the caller closes the response)."""
         for attempt in range(self.retry.retries + 1):
             last = attempt == self.retry.retries
             try:
-                response = self._http.request(method, url, **kwargs)
+                response = self._http.send(self._http.build_request(method, url, **kwargs), stream=stream)
             except RETRY_ERRORS as exc:
                 if last:
                     raise APIConnectionError(f"{method} {self.base_url}{url}: {type(exc).__name__}: {exc}") from exc
@@ -154,11 +235,13 @@ class Client:
             except httpx.TransportError as exc:  # a bad URL or proxy: no retry mends it
                 raise APIConnectionError(f"{method} {self.base_url}{url}: {type(exc).__name__}: {exc}") from exc
             if response.status_code in RETRY_STATUSES and not last:
+                response.close()
                 delay = self.retry.delay(attempt, response)
                 logger.warning("%s %s: %d; retry in %.1f s", method, url, response.status_code, delay)
                 time.sleep(delay)
                 continue
             if response.is_error:
+                response.read()  # a streamed answer's body (its `detail`); reading it closes the stream
                 raise error_from_response(response)
             return response
         raise AssertionError("unreachable")
@@ -187,25 +270,26 @@ class Job:
         return self.client.view(self.id)
 
     def wait(self, progress: Progress = True, timeout: float | None = None) -> JobView:
-        """Follow the job until it ends, by long-polls that answer on every change; its final view.
+        """Follow the job until it ends, by its event stream (`GET /v1/jobs/{id}/events`, one event per change), or
+        on a server without one by long-polls that answer on every change; its final view.
 
         `progress`: True draws a bar on stderr (place in line and ETA while queued, then stage and step), False
         nothing, a callable gets every `JobView` seen. Raises `JobFailedError` / `JobCanceledError` for a job that
-        did not succeed, `WaitTimeoutError` after `timeout` seconds (the job goes on)."""
+        did not succeed, `WaitTimeoutError` after `timeout` seconds (the job goes on; on a stream it is checked at
+        every event and keep-alive, so it may come up to 15 s late)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         display = progress_display(progress, self.id)
+        views = self.client._follow(self.id, deadline)
         try:
-            view = self.status()
-            while True:
+            view = None
+            for view in views:
                 if display is not None:
                     display(view)
                 if view.status in TERMINAL:
                     return final_view(view)
-                remaining = LONG_POLL_S if deadline is None else deadline - time.monotonic()
-                if remaining <= 0:
-                    raise WaitTimeoutError(view, timeout)
-                view = self.client.view(self.id, wait=min(remaining, LONG_POLL_S))
+            raise WaitTimeoutError(view or self.status(), timeout)
         finally:
+            views.close()
             if display is not None:
                 display.close()
 

@@ -28,6 +28,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments import envs, upstream_api
+from deployments.events import EVENTS_RESPONSE, LAST_EVENT_ID, open_job_events
 from deployments.logs import configure_replica_logging
 from jobs.registry import MAX_WAIT_S, TERMINAL, RegistryClient
 from jobs.schemas import (MAX_SEED, SOURCE_TASKS, ErrorResponse, GenerateRequest, JobSubmitted, JobView,
@@ -413,6 +414,14 @@ class Ingress:
         if view["status"] in TERMINAL:
             self.finished.put(job_id, response.body, view["finished_at"])
         return response
+
+    # Each open stream holds one of this deployment's max_ongoing_requests (1024) until the job ends.
+    @api.get("/v1/jobs/{job_id}/events", response_class=Response, responses={
+        200: EVENTS_RESPONSE, **_errors({404: "Job not found", 422: "Invalid parameters"}), **_AUTH, **_REGISTRY})
+    async def job_events(self, job_id: str, last_event_id: str | None = LAST_EVENT_ID) -> Response:
+        """Server-Sent Events: the job's view at once and on every change, ending with its final view."""
+        stream = await open_job_events(self.registry, self.finished, job_id, last_event_id)
+        return _error(404, "Job not found") if stream is None else stream
 
     @api.post("/v1/jobs/{job_id}/cancel", response_model=JobView, responses={
         **_errors({404: "Job not found", 409: "Job already finished", 422: "Invalid parameters"}), **_AUTH,

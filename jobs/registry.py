@@ -218,15 +218,19 @@ class JobRegistry:
         return {"accepted": True, "duplicate": True, "job_id": job.job_id, "status": job.status,
                 "queue_position": self._position(job.job_id)}
 
-    async def view(self, job_id: str, wait_s: float = 0.0) -> dict[str, Any] | None:
+    async def view(self, job_id: str, wait_s: float = 0.0, since: list | None = None) -> dict[str, Any] | None:
         """The job as clients see it. With `wait_s` > 0 (at most `MAX_WAIT_S`), a long-poll: answers as soon as its
-        status, place in line, stage or step changes, or when `wait_s` has passed; a finished job at once."""
+        status, place in line, stage or step changes, or when `wait_s` has passed; a finished job at once. `since`:
+        the change key (`_change_key`) of the view the caller has, so a change that landed between its calls is
+        answered at once instead of waited past."""
         self._reap()
         job = self.jobs.get(job_id)
         if job is None:
             return None
         view = self._view(job)
-        seen = _change_key(view)
+        seen = _change_key(view) if since is None else tuple(since)
+        if seen != _change_key(view):
+            return view
         deadline = time.monotonic() + min(max(wait_s, 0.0), MAX_WAIT_S)
         while job.status not in TERMINAL and (remaining := deadline - time.monotonic()) > 0:
             try:

@@ -446,3 +446,17 @@ def test_views_answers_several_jobs_in_one_call():
         assert unknown is None and (a, b) == (await reg.view("a"), await reg.view("b"))
         assert b["queue_position"] == 2
     run(scenario())
+
+
+def test_a_long_poll_since_an_older_view_answers_at_once():
+    """A change that landed between a client's two calls is not waited past: `since` is the key it has."""
+    async def scenario():
+        reg = JobRegistry(QueueConfig())
+        await reg.submit("a", {})
+        first = await reg.view("a")
+        await reg.lease("d", 1, wait_s=0)  # the change lands between the calls
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        view = await reg.view("a", 5.0, since=[first["status"], first["queue_position"], "queued", 0, 0])
+        assert view["status"] == "running" and loop.time() - start < 1.0
+    run(scenario())
