@@ -98,7 +98,7 @@ class FakeRegistry:
     def __init__(self):
         self.calls, self.pending = 0, 0
 
-    async def call(self, method, job_id, wait_s=0.0):
+    async def call(self, method, job_id, wait_s=0.0, since=None):
         self.calls += 1
         self.pending += 1
         try:
