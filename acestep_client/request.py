@@ -67,6 +67,8 @@ class GenerateFields(TypedDict, total=False):
     lm_repetition_penalty: float
     lora: str | None
     lora_scale: float
+    webhook: str | None
+    webhook_events: list[Literal["start", "completed"]] | str
 
 
 @dataclass(frozen=True)

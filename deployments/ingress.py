@@ -34,6 +34,7 @@ from jobs.registry import MAX_WAIT_S, TERMINAL, RegistryClient
 from jobs.schemas import (MAX_SEED, SOURCE_TASKS, ErrorResponse, GenerateRequest, JobSubmitted, JobView,
                           ReadyResponse, describe_validation_error, generate_request_schema, normalize_payload)
 from jobs.storage import ResultStore, UploadStore
+from jobs.webhooks import WebhookRefused, check_target, signing_secret
 from models.audio_io import MEDIA_TYPES, AudioDecodeError, AudioTooLongError, media_type, probe_audio
 from models.loading import (COVER_FROM_SOURCE_PARTS, VARIANT_TASKS, AudioCodeSpec, ModelConfig, audio_code_spec,
                             has_parts, model_variant)
@@ -359,6 +360,8 @@ class Ingress:
         except ValidationError as exc:
             raise HTTPException(*describe_validation_error(exc)) from None
         self._check_limits(params)
+        if params.webhook is not None:
+            await self._check_webhook(params.webhook)
         idempotency = _idempotency(request, params, uploads)
         job_id = str(uuid.uuid4())
         inputs, seconds = {}, {}
@@ -735,6 +738,17 @@ class Ingress:
         finally:
             await form.close()
         return raw, uploads
+
+    async def _check_webhook(self, url: str) -> None:
+        """A target this server may call (`jobs.webhooks.check_target`), and a secret to sign with: 400 otherwise."""
+        config = self.args.queue.webhooks
+        try:
+            await check_target(url, config)
+        except WebhookRefused as exc:
+            raise HTTPException(400, f"webhook: {exc}") from None
+        if signing_secret(config) is None:
+            raise HTTPException(400, "webhook: this server has no webhook secret (queue.webhooks.secret or "
+                                     "ACESTEP_WEBHOOK_SECRET), and it sends no unsigned callbacks")
 
     def _check_limits(self, params: GenerateRequest) -> None:
         queue = self.args.queue

@@ -7,6 +7,24 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class WebhookConfig(BaseModel):
+    """Job event callbacks (`webhook` on submit): where they may go, how they are signed and retried."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    secret: str | None = Field(None, description="HMAC-SHA256 key that signs every delivery (X-ACEStep-Signature); "
+                               "also ACESTEP_WEBHOOK_SECRET. Without one, a submit that names a webhook is refused "
+                               "(400): an unsigned callback could be forged by anyone who learns the URL.")
+    allowed_hosts: list[str] = Field(default_factory=list, description="Host names (exact, or `*.example.com`) a "
+                                     "webhook may point at; empty: any public host.")
+    allow_private: bool = Field(False, description="Allow loopback, private, link-local, multicast and reserved "
+                                "addresses (checked on every A/AAAA record, at submit and again at each delivery).")
+    timeout_s: float = Field(10.0, gt=0, le=120, description="One delivery attempt's timeout.")
+    max_age_s: float = Field(24 * 3600.0, gt=0, description="A delivery is retried (1, 2, 4 ... s, at most 60 s "
+                             "apart) until it is this old, then dropped.")
+    max_backoff_s: float = Field(60.0, gt=0, description="Longest wait between two attempts of a delivery.")
+
+
 class QueueConfig(BaseModel):
     """How jobs are admitted, dispatched and retried."""
 
@@ -34,6 +52,8 @@ class QueueConfig(BaseModel):
     max_audio_seconds_per_job: float = Field(4800.0, ge=1, description="Largest duration x outputs accepted (the "
                                              "AudioCodec's memory grows with it: see the README's memory bound). "
                                              "The default admits every job the two limits above allow.")
+    webhooks: WebhookConfig = Field(default_factory=WebhookConfig, description="Job event callbacks: allowed "
+                                    "targets, signing secret, retries.")
 
 
 class FilesConfig(BaseModel):

@@ -21,6 +21,10 @@ job's status, place in line, stage or step changes, or after `wait_s`. Finished 
 idempotency keys expire after `retention_s`. No call walks the jobs: running and leased jobs have their own index,
 and what falls due (lease ends, deadlines, expiry of finished jobs) comes off time-ordered heaps, so a poll costs the
 same with 10,000 retained jobs as with none; deletes in storage run off the actor's event loop.
+
+A job submitted with a `webhook` gets its `start` (first lease) and `completed` (end) events POSTed by tasks on the
+actor's event loop (`jobs.webhooks`); each pending delivery is kept in the job's journaled record until answered, so
+a restarted registry sends it again (at least once).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from jobs.journal import Journal
 from jobs.metrics import metrics
 from jobs.step_scheduler import StepSchedulingConfig
 from jobs.storage import ResultStore, UploadStore
+from jobs.webhooks import WebhookSender, new_delivery
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +83,7 @@ class JobRecord:
     driver_id: str | None = None
     idempotency: tuple[str, str] | None = None  # (key, request fingerprint)
     history: list[str] = field(default_factory=list)
+    webhooks: list[dict[str, Any]] = field(default_factory=list)  # pending deliveries (`jobs.webhooks.new_delivery`)
     # In memory only: progress is advisory and a lease is re-granted after a restart.
     progress: dict[str, Any] | None = field(default=None, metadata={"volatile": True})
     lease_until: float = field(default=0.0, metadata={"volatile": True})
@@ -153,6 +159,7 @@ class JobRegistry:
         self._eta: tuple[int, float, float, dict[str, float]] | None = None  # version, when, cost, job -> start
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="journal")  # one thread: writes stay in order
         self._last_write: Future | None = None
+        self.webhook_sender = WebhookSender(lambda: self.config.webhooks, self._webhook_done)
         self._recover()
 
     def _open_stores(self) -> None:
@@ -513,6 +520,8 @@ class JobRegistry:
         job.attempts += 1
         self._extend_lease(job)
         job.progress = {"stage": "starting", "step": 0, "total": 0}
+        if job.attempts == 1:  # first leased: a retried attempt is no new start
+            self._webhook(job, "start")
         self._save(job)
         return {"job_id": job.job_id, "spec": job.spec, "attempt": job.attempts, "attempt_id": job.attempt_id}
 
@@ -622,6 +631,8 @@ class JobRegistry:
         """Jobs past their deadline fail, lapsed leases are retried (or failed), expired jobs go. Only what is due
         comes off the heaps: no job is walked."""
         wall = time.time()
+        if self.webhook_sender.backlog:  # recovered deliveries: the loop runs now
+            self.webhook_sender.flush()
         while self.deadlines and self.deadlines[0][0] < wall:
             _, job_id = heapq.heappop(self.deadlines)
             job = self.jobs.get(job_id)
@@ -695,10 +706,28 @@ class JobRegistry:
             self._last_end = (now, bool(self.queue or self.retry_queue))
         if job.upload_dir and self.uploads:  # uploads live only as long as their job
             self._off_loop(self.uploads.delete_job, job.job_id)
+        self._webhook(job, "completed")
         self._save(job)
         self._work.set()  # a slot is free
         logger.info("job %s %s after %.2f s (attempts %d)%s", job.job_id, status,
                     job.finished_at - job.created_at, job.attempts, f": {job.error}" if job.error else "")
+
+    def _webhook(self, job: JobRecord, event: str) -> None:
+        """Record the event's delivery in the job (saved with it by the caller), and start sending it."""
+        request = (job.spec or {}).get("request") or {}
+        if request.get("webhook") and event in request.get("webhook_events", ()):
+            delivery = new_delivery(event, self._view(job))
+            job.webhooks.append(delivery)
+            self.webhook_sender.schedule(job.job_id, request["webhook"], delivery)
+
+    def _webhook_done(self, job_id: str, delivery_id: str, outcome: str) -> None:
+        """A delivery ended (delivered, or dropped): it leaves the job's record."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return
+        job.webhooks = [d for d in job.webhooks if d["id"] != delivery_id]
+        self._save(job)
+        logger.info("webhook delivery %s of job %s: %s", delivery_id, job_id, outcome)
 
     def _save(self, job: JobRecord) -> None:
         if self.journal:  # serialized here: the record may change again before the writer thread gets to it
@@ -752,6 +781,8 @@ class JobRegistry:
                     heapq.heappush(self.lease_ends, (lease_until, job.job_id, job.attempts))
             else:
                 heapq.heappush(self.expiry, (job.finished_at or job.created_at, job.job_id))
+            for delivery in job.webhooks:  # not yet answered before the restart: at least once
+                self.webhook_sender.schedule(job.job_id, job.spec["request"]["webhook"], delivery)
         if records:
             logger.info("recovered %d jobs from %s (%d queued, %d running)", len(records), self.journal.path,
                         len(self.queue), len(self.running))

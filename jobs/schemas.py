@@ -21,6 +21,7 @@ AUDIO_FORMATS = ("mp3", "wav", "flac", "opus", "aac", "wav32")  # written as mod
 # MPEG-1 Layer III bitrates (kbps) from 64: a 48 kHz frame at 32-56 kbps has no room for LAME's Info tag, without
 # which decoders keep the encoder's delay and padding (about 1,500 samples more than the requested duration).
 MP3_BITRATES = (64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
+WEBHOOK_EVENTS = ("start", "completed")  # what a job's webhook may be sent (jobs.webhooks)
 MAX_SEED = 2**31 - 1
 Seed = Annotated[int, Field(ge=-1, le=MAX_SEED)]
 TrackName = Annotated[str, Field(min_length=1, max_length=64)]
@@ -48,6 +49,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "model": ("dit_model", "ditModel", "model_name", "modelName"),
     "lora": ("lora_name", "adapter_name"),
     "sample_query": ("description", "desc"),
+    "webhook": ("webhook_url", "webhookUrl", "callback_url", "callbackUrl"),
 }
 # Where upstream L looked for nested metadata: the first truthy of these keys, a dict or a JSON object string.
 NESTED_KEYS = ("metas", "meta", "metadata", "user_metadata", "userMetadata")
@@ -147,6 +149,20 @@ class GenerateRequest(BaseModel):
     lora_scale: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False, description=(
         "The adapter's strength (0 runs as no adapter). Jobs with different adapters or scales never share a "
         "forward pass."))
+    webhook: str | None = Field(None, max_length=2048, description=(
+        "http(s) URL the server POSTs the job's events to, signed (X-ACEStep-Signature, see the README). The host "
+        "must resolve to public addresses (unless the server allows private ones) and be in its allowed hosts."))
+    webhook_events: list[Literal[WEBHOOK_EVENTS]] = Field(list(WEBHOOK_EVENTS), min_length=1, description=(
+        "Which events go to the webhook: start (first leased, status running), completed (succeeded, failed or "
+        "canceled). A list or comma-separated text."))
+
+    @field_validator("webhook_events", mode="before")
+    @classmethod
+    def _split_webhook_events(cls, value: Any) -> Any:
+        """A form field's "start,completed" is the list ["start", "completed"]."""
+        if isinstance(value, str):
+            value = [part.strip().lower() for part in value.split(",") if part.strip()]
+        return value
 
     @field_validator("audio_format", "task_type", mode="before")
     @classmethod
