@@ -31,8 +31,8 @@ STATUS_CODES = {"queued": 0, "running": 0, "succeeded": 1, "failed": 2, "cancele
 MAX_TASK_IDS = 100  # per /query_result: one registry call answers them all
 ENV = "development"  # upstream's default `env` of a result item; it carries no meaning here
 # Rough share of a job's run done when it enters each stage (upstream reports a float progress per task).
-STAGE_PROGRESS = {"queued": 0.0, "starting": 0.02, "retry_wait": 0.02, "encode_audio": 0.05, "condition": 0.1,
-                  "diffusion": 0.15, "decode": 0.9, "write": 0.97, "done": 1.0}
+STAGE_PROGRESS = {"queued": 0.0, "starting": 0.02, "retry_wait": 0.02, "encode_audio": 0.05, "lm": 0.07,
+                  "condition": 0.1, "diffusion": 0.15, "decode": 0.9, "write": 0.97, "done": 1.0}
 DIFFUSION_SHARE = STAGE_PROGRESS["decode"] - STAGE_PROGRESS["diffusion"]
 TRUE_TEXT = {"1", "true", "yes", "y", "on"}  # upstream's `_to_bool`
 # Upstream flags that would change what a job makes and need what this server does not run: a 400 naming them, not

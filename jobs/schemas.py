@@ -325,10 +325,11 @@ def _short(value: Any, limit: int = 80) -> str:
 
 
 class JobProgress(BaseModel):
-    stage: str = Field(description="queued, starting, encode_audio, condition, diffusion, decode, write, "
+    stage: str = Field(description="queued, starting, encode_audio, lm, condition, diffusion, decode, write, "
                        "retry_wait, done")
-    step: int = Field(0, description="Diffusion step done (diffusion stage only).")
-    total: int = Field(0, description="Diffusion steps in all.")
+    step: int = Field(0, description="Diffusion steps done; in stage lm, tokens (codes, while it writes them) done.")
+    total: int = Field(0, description="Diffusion steps in all; in stage lm, the codes to write (0 while it writes "
+                       "text).")
 
 
 class JobView(BaseModel):
