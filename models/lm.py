@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from tokenizers import AddedToken
 from torch.nn.utils.rnn import pad_sequence
 from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, Qwen3Config, Qwen3ForCausalLM,
@@ -55,7 +55,7 @@ from models.lm_constraints import (AnswerConstraint, Codes, MetadataLimits, Toke
 from models.lm_prompts import (DURATION_RANGE, FIELD_ORDER, NO_USER_INPUT, PLANNING_FIELDS, LMMetadata, codes_prompt,
                                cot_prompt, extract_lyrics, format_cot, format_prompt, parse_lm_output, sample_prompt,
                                audio_code_token)
-from models.loading import CheckpointError, ModelConfig, _own_aligned_storage
+from models.loading import CheckpointError, LoadOptions, _own_aligned_storage
 from models.presets import FSQ_LEVELS, build_byte_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ LM_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-class LMConfig(BaseModel):
+class LMConfig(LoadOptions):
     """Which 5 Hz LM weights the language-model stage loads, and the limits of what it writes."""
 
     model_config = ConfigDict(extra="forbid")
@@ -93,9 +93,6 @@ class LMConfig(BaseModel):
     checkpoint_dir: str | None = Field(None, description="Local upstream `acestep-5Hz-lm-*` directory (a Qwen3 "
                                        "causal-LM checkpoint with its tokenizer, vocabulary with <|audio_code_N|>). "
                                        "Overrides `preset`.")
-    seed: int = Field(0, ge=0, description="Seed for the random init of a preset.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype (bf16 on GPU).")
-    device: str = Field("auto", description="`auto` (cuda when available, else cpu), `cpu`, `cuda`, `cuda:N`.")
     codes_per_second: float = Field(5.0, gt=0, description="Audio codes per second of audio: 1 / the DiT "
                                     "checkpoint's `audio_code_spec(...).seconds_per_code` (5 for ACE-Step 1.5).")
     min_duration: int = Field(DURATION_RANGE[0], ge=1, description="Shortest duration (s) the LM may choose itself.")
@@ -114,8 +111,6 @@ class LMConfig(BaseModel):
     @property
     def name(self) -> str:
         return Path(self.checkpoint_dir).name if self.checkpoint_dir else f"acestep-5Hz-lm-{self.preset}"
-
-    torch_device = ModelConfig.torch_device  # `auto`, `cpu`, `cuda[:N]`: one rule for every stage
 
     def limits(self) -> MetadataLimits:
         return MetadataLimits(duration_range=(self.min_duration, self.max_duration),

@@ -66,7 +66,22 @@ class StageOptions(BaseModel):
                                 "Ray's OMP_NUM_THREADS, which is 1 for a replica with num_cpus: 0.")
 
 
-class ModelConfig(BaseModel):
+class LoadOptions(BaseModel):
+    """How weights load, for every model the app runs (the DiT's stages' and the 5 Hz LM's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = Field(0, ge=0, description="Seed for the random init of a preset.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype (bf16 on GPU).")
+    device: str = Field("auto", description="`auto` (cuda when available, else cpu), `cpu`, `cuda`, `cuda:N`.")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+class ModelConfig(LoadOptions):
     """Which weights every stage loads, and how."""
 
     model_config = ConfigDict(extra="forbid")
@@ -82,9 +97,6 @@ class ModelConfig(BaseModel):
         "(or model_version turbo) is turbo, model_version base or sft (also xl-base, xl-sft) says which; a non-turbo "
         "checkpoint whose config says neither is taken as sft, the variant with fewer tasks, so set `base` for such "
         "a base checkpoint. A variant that contradicts the config's is_turbo is a start-up error."))
-    seed: int = Field(0, ge=0, description="Seed for the random init of a preset.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype (bf16 on GPU).")
-    device: str = Field("auto", description="`auto` (cuda when available, else cpu), `cpu`, `cuda`, `cuda:N`.")
     lora_dir: str | None = Field(None, description="Local directory of LoRA adapters for the DiT, one subdirectory "
                                  "per adapter, named as jobs name it (`lora`): diffusers layout "
                                  "(pytorch_lora_weights.safetensors) or PEFT layout (adapter_model.safetensors + "
@@ -113,10 +125,6 @@ class ModelConfig(BaseModel):
         """What `/v1/models` and `dit_model` report."""
         return Path(self.checkpoint_dir).name if self.checkpoint_dir else f"acestep-v15-{self.preset}"
 
-    def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
 
 
 def check_checkpoint_dir(checkpoint_dir: str | Path, parts: list[str]) -> Path:
