@@ -8,7 +8,6 @@ import wave
 from dataclasses import dataclass
 from pathlib import Path
 
-import av
 import numpy as np
 import soundfile as sf
 import torch
@@ -172,6 +171,8 @@ def _encode_aac(waveform: np.ndarray, sample_rate: int, muxer: str) -> bytes:
     An ADTS stream cannot say how many samples to drop, so a decoder returns the encoder's 1024 priming samples
     (21 ms at 48 kHz) first and the last frame padded to 1024 samples: 1024 to 2047 samples more than were written.
     """
+    import av  # here, not at the top: only aac needs PyAV (~130 MB installed), the other formats do not
+
     channels = waveform.shape[0]
     layout = {1: "mono", 2: "stereo"}[channels]  # what the VAE gives (mp3 takes no more either)
     buffer = io.BytesIO()

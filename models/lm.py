@@ -36,6 +36,7 @@ allowed tokens per step from a per-request state machine.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -304,6 +305,17 @@ class LMState:
         return self.stage, sum(len(a.written) for a in self.answers), 0
 
 
+def check_cache_argument(model: torch.nn.Module) -> None:
+    """The engine hands the model its KV cache as `cache=`, transformers' name since 5.2x. Before that the argument was
+    `past_key_values` and `cache=` fell silently into `**kwargs`: the model kept its own cache, ours stayed empty, and
+    the first prefill failed deep inside (seen with transformers 5.17 on a GPU image). Refuse such a version at load."""
+    if "cache" not in inspect.signature(type(model).forward).parameters:
+        import transformers
+
+        raise CheckpointError(f"transformers {transformers.__version__} is too old for the LM engine: its "
+                              f"{type(model).__name__}.forward takes no `cache`; install transformers>=5.24,<6")
+
+
 class LMEngine:
     """Qwen3 5 Hz LM + constrained decoding + per-job seeded sampling, stepped one token at a time across jobs."""
 
@@ -312,6 +324,7 @@ class LMEngine:
     def __init__(self, config: LMConfig):
         self.config = config
         self.model, self.tokenizer = load_lm(config)
+        check_cache_argument(self.model)
         self.device = config.torch_device()
         text_config = self.model.config
         if any(t != "full_attention" for t in (getattr(text_config, "layer_types", None) or ())):

@@ -222,3 +222,18 @@ def test_throughput_helper_reports_both_modes(engine):
     report = measure(engine, example_requests(jobs=3, duration=1.0, cfg_scale=2.0))
     assert report["jobs"] == 3 and report["tokens"] > 0 and report["same_codes"]
     assert report["sequential_tokens_per_s"] > 0 and report["batched_tokens_per_s"] > 0
+
+
+def test_a_transformers_without_the_cache_argument_is_refused_at_load(engine):
+    """transformers 5.17's forward took `past_key_values`: `cache=` vanished into **kwargs and the first prefill
+    failed with "'NoneType' object is not subscriptable" (seen on a GPU image). Now the engine refuses it by name."""
+    from models.lm import check_cache_argument
+
+    check_cache_argument(engine.model)  # the installed transformers (>=5.24) takes `cache`
+
+    class OldForward(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None, **kwargs):
+            raise AssertionError("never called")
+
+    with pytest.raises(CheckpointError, match="too old for the LM engine"):
+        check_cache_argument(OldForward())
