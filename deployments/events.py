@@ -52,7 +52,8 @@ HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # alias no longer resolves in the replica.
 LAST_EVENT_ID = Header(None, alias="Last-Event-ID", description=(
     "Sent by a reconnecting client (`EventSource` does it itself): the `id` of the last event it got. The stream "
-    "starts with the job's current view all the same, numbered one past it."))
+    "starts with the job's current view all the same, numbered one past it."),
+    openapi_examples={"reconnect": {"value": "3"}})
 
 # The 200 answer in OpenAPI, as FastAPI describes its own SSE routes (OpenAPI 3.2's `itemSchema`).
 EVENTS_RESPONSE: dict[str, Any] = {

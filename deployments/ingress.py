@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import parse_qs
 
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import HTTPException, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import ValidationError
@@ -27,7 +28,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments import envs, upstream_api
+from deployments import docs_ui, envs, upstream_api, web
 from deployments.events import EVENTS_RESPONSE, LAST_EVENT_ID, open_job_events
 from deployments.logs import configure_replica_logging
 from jobs.registry import MAX_WAIT_S, TERMINAL, RegistryClient
@@ -53,7 +54,8 @@ FINISHED_CACHE_SIZE = 10_000  # finished jobs' views kept in each ingress replic
 UNSUPPORTED = ("Unsupported Content-Type: {}; use application/json, application/x-www-form-urlencoded, or "
                "multipart/form-data")
 
-api = FastAPI(title="ACE-Step API", version="1.0", description="ACE-Step 1.5 music generation jobs.")
+# /docs (Swagger UI) and /redoc load their files from this app, not a CDN (deployments/docs_ui.py).
+api = docs_ui.docs_app(title="ACE-Step API", version="1.0", description="ACE-Step 1.5 music generation jobs.")
 
 
 def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -110,10 +112,11 @@ def _key_ok(key: Any) -> bool:
 
 class RequireApiKey:
     """With API keys configured, everything but the probes (/health, /readyz: load balancers and kubelets send no
-    key) needs `Authorization: Bearer <key>`; on upstream v2's `/release_task` and `/query_result` the key may come
-    as the body's `ai_token` instead, which the route checks once it has read the body. A plain ASGI middleware:
-    without keys a request passes straight through (Starlette's `@app.middleware("http")` costs a task group and a
-    stream per request, ~5 % of a poll)."""
+    key), the web page's files (`web.is_public`) and the API docs (`docs_ui.PUBLIC_PATHS`), which hold no data, needs
+    `Authorization: Bearer <key>`; on upstream v2's `/release_task` and `/query_result` the key may come as the body's
+    `ai_token` instead, which the route checks once it has read the body. A plain ASGI middleware: without keys a
+    request passes straight through (Starlette's `@app.middleware("http")` costs a task group and a stream per
+    request, ~5 % of a poll)."""
 
     def __init__(self, app):
         self.app = app
@@ -122,7 +125,7 @@ class RequireApiKey:
         digests = envs.API_KEY_SHA256  # module state: Serve runs a frozen copy of `api`, so not `api.state`
         if scope["type"] == "http" and digests:
             path = _route(scope)
-            if path not in PROBES:
+            if path not in PROBES and not web.is_public(path) and path not in docs_ui.PUBLIC_PATHS:
                 header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
                 scheme, _, key = header.partition(" ")
                 if scheme.lower() != "bearer" or not _key_ok(key):
@@ -135,31 +138,54 @@ class RequireApiKey:
 
 
 api.add_middleware(RequireApiKey)
+api.include_router(web.router)  # the web page at `/` (deployments/web.py)
 
 
-def _request_body(schema: dict[str, Any], files: tuple[str, ...] = (), multipart: bool = True) -> dict[str, Any]:
-    """An OpenAPI requestBody: `schema` as JSON and as a form, and as multipart with `files` added."""
+def _request_body(schema: dict[str, Any], files: dict[str, str] | None = None, multipart: bool = True,
+                  examples: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An OpenAPI requestBody: `schema` as JSON and as a form, and as multipart with `files` (name: description)
+    added; `examples` (OpenAPI Example Objects by name) for each: the first is the JSON body Swagger UI's "Try it out"
+    starts from (its form views start from each field's own example)."""
     content = {"application/json": {"schema": schema}, "application/x-www-form-urlencoded": {"schema": schema}}
     if multipart:
-        binary = {"type": "string", "format": "binary"}
-        content["multipart/form-data"] = {"schema": {**schema, "properties": {
-            **schema["properties"], **{name: binary for name in files}}}}
+        uploads = {name: {"type": "string", "format": "binary", "description": text}
+                   for name, text in (files or {}).items()}
+        content["multipart/form-data"] = {"schema": {**schema, "properties": {**schema["properties"], **uploads}}}
+    if examples:
+        for media in content.values():
+            media["examples"] = examples
     return {"required": True, "content": content}  # no body, no Content-Type: 415
 
 
 _REQUEST_SCHEMA = generate_request_schema()  # GenerateRequest's, widened to what the server accepts (upstream's)
-_REQUEST_BODY = _request_body(_REQUEST_SCHEMA, ("reference_audio", "src_audio"))
+_UPLOAD = "at most the server's files.max_upload_bytes (413 above), of no more than its queue.max_duration_s seconds"
+_UPLOADS = {"reference_audio": f"Reference audio for timbre (cover), as a file upload: {_UPLOAD}.",
+            "src_audio": f"Source audio (cover, repaint, lego, extract, complete), as a file upload: {_UPLOAD}."}
+# "Try it out"'s body in /docs: a short, cheap job (the tiny preset makes it in seconds on a CPU).
+QUICK_JOB = {"caption": "upbeat lo-fi hip hop with mellow piano", "audio_duration": 10, "inference_steps": 8,
+             "batch_size": 1, "audio_format": "mp3"}
+_EXAMPLES = {"quick": {"summary": "10 s of music, one output", "value": QUICK_JOB}}
+_REQUEST_BODY = _request_body(_REQUEST_SCHEMA, _UPLOADS, examples=_EXAMPLES)
 # Upstream v2 reads any value of `ai_token` (it matters only with API keys configured, as the key).
-_AI_TOKEN = {"description": "The API key, instead of `Authorization: Bearer <key>` (only with API keys configured)."}
-_RELEASE_TASK_BODY = _request_body({**_REQUEST_SCHEMA, "properties": {**_REQUEST_SCHEMA["properties"],
-                                                                     "ai_token": _AI_TOKEN}},
-                                   ("reference_audio", "src_audio", "ref_audio", "ctx_audio"))
+_AI_TOKEN = {"description": "The API key, instead of `Authorization: Bearer <key>` (only with API keys configured).",
+             "examples": ["my-api-key"]}
+_RELEASE_TASK_BODY = _request_body(
+    {**_REQUEST_SCHEMA, "properties": {**_REQUEST_SCHEMA["properties"], "ai_token": _AI_TOKEN}},
+    {**_UPLOADS, "ref_audio": "Upstream's name for reference_audio.", "ctx_audio": "Upstream's name for src_audio."},
+    examples=_EXAMPLES)
 _QUERY_RESULT_BODY = _request_body({"type": "object", "properties": {
     "task_id_list": {"description": "Task ids: a JSON array, or a string holding one (as a form field); absent "
-                                    "or null: none.",
+                                    f"or null: none. At most {upstream_api.MAX_TASK_IDS}.",
                      "anyOf": [{"type": "array", "items": {"type": "string"}, "maxItems": upstream_api.MAX_TASK_IDS},
-                               {"type": "string"}, {"type": "null"}]},
+                               {"type": "string"}, {"type": "null"}],
+                     "examples": [["7c9e6679-7425-40de-944b-e07fc1f90ae7"]]},
     "ai_token": _AI_TOKEN}}, multipart=False)
+
+
+# Parameters, as defaults rather than `Annotated` aliases (Serve pickles the ingress' methods; see deployments/events).
+JOB_ID = PathParam(description="The job's id, as `POST /v1/music/generate` (or `/release_task`) answered it. Ids are "
+                               "at most 64 characters; an id this server does not know is a 404.",
+                   openapi_examples={"job": {"value": "7c9e6679-7425-40de-944b-e07fc1f90ae7"}})
 
 
 def _errors(described: dict[int, str]) -> dict[int, dict[str, Any]]:
@@ -183,6 +209,7 @@ def _submit_errors(also_400: str) -> dict[int, dict[str, Any]]:
 # ErrorResponse, 422 included (our one-line detail, not FastAPI's HTTPValidationError list).
 _AUTH = _errors({401: "Missing or invalid API key (only when API keys are configured)"})
 _BODY_ERRORS = {413: "Body over the limit", 415: "Unsupported Content-Type"}
+_LM_ERRORS = {503: "The language model failed; retry"}
 _REGISTRY = _errors({503: "Job registry unavailable; retry after Retry-After seconds"})
 
 
@@ -403,9 +430,10 @@ class Ingress:
 
     @api.get("/v1/jobs/{job_id}", response_model=JobView, responses={
         **_errors({404: "Job not found", 422: "Invalid parameters"}), **_AUTH, **_REGISTRY})
-    async def job(self, job_id: str, wait: float = Query(0.0, ge=0.0, le=MAX_WAIT_S, description=(
-            "Long-poll: answer as soon as the job's status, place in line, stage or step changes, or after this "
-            "many seconds (a finished job at once)."))) -> Response:
+    async def job(self, job_id: str = JOB_ID, wait: float = Query(0.0, ge=0.0, le=MAX_WAIT_S, description=(
+            f"Long-poll, 0 to {MAX_WAIT_S:g} s: answer as soon as the job's status, place in line, stage or step "
+            "changes, or after this many seconds (a finished job at once). 0: answer at once."),
+            openapi_examples={"now": {"summary": "at once", "value": 0}, "long-poll": {"value": 10}})) -> Response:
         """The job's status, place in line, ETA, progress and result."""
         cached = self.finished.get(job_id)
         if cached is not None:
@@ -421,7 +449,7 @@ class Ingress:
     # Each open stream holds one of this deployment's max_ongoing_requests (1024) until the job ends.
     @api.get("/v1/jobs/{job_id}/events", response_class=Response, responses={
         200: EVENTS_RESPONSE, **_errors({404: "Job not found", 422: "Invalid parameters"}), **_AUTH, **_REGISTRY})
-    async def job_events(self, job_id: str, last_event_id: str | None = LAST_EVENT_ID) -> Response:
+    async def job_events(self, job_id: str = JOB_ID, last_event_id: str | None = LAST_EVENT_ID) -> Response:
         """Server-Sent Events: the job's view at once and on every change, ending with its final view."""
         stream = await open_job_events(self.registry, self.finished, job_id, last_event_id)
         return _error(404, "Job not found") if stream is None else stream
@@ -429,7 +457,7 @@ class Ingress:
     @api.post("/v1/jobs/{job_id}/cancel", response_model=JobView, responses={
         **_errors({404: "Job not found", 409: "Job already finished", 422: "Invalid parameters"}), **_AUTH,
         **_REGISTRY})
-    async def cancel(self, job_id: str) -> JSONResponse:
+    async def cancel(self, job_id: str = JOB_ID) -> JSONResponse:
         """Cancel a queued or running job; a running one stops at its next diffusion step."""
         status = await self.registry.call("cancel", job_id) if len(job_id) <= 64 else None
         if status is None:
@@ -442,7 +470,10 @@ class Ingress:
         200: {"description": "The audio file", "content": {media: {} for media in MEDIA_TYPES.values()}},
         **_errors({403: "Not a result of this service", 404: "Audio file not found",
                    422: "Missing or too long `path`"}), **_AUTH})
-    async def audio(self, path: str = Query(..., max_length=256)) -> Response:
+    async def audio(self, path: str = Query(..., max_length=256, description=(
+            "A result file's key, `<job_id>/<index>.<extension>`, as the job's `result.audio_paths` links to it "
+            "(403 for anything else, 404 once its job has expired)."),
+            openapi_examples={"first output": {"value": "7c9e6679-7425-40de-944b-e07fc1f90ae7/0.mp3"}})) -> Response:
         if not self.store.is_key(path):
             return _error(403, "Access denied: path is not a result of this service")
         mime = media_type(path.rsplit(".", 1)[1])
@@ -453,7 +484,8 @@ class Ingress:
         return _error(404, "Audio file not found") if data is None else Response(data, media_type=mime)
 
     # Paths both APIs share answer in one shape: the seed API's fields, and upstream v2's envelope beside them.
-    @api.get("/health", responses={200: {"model": upstream_api.HealthResponse, "description": "Alive"}})
+    @api.get("/health", responses={200: {"model": upstream_api.HealthResponse, "description": "Alive"}},
+             openapi_extra={"security": []})  # the probes need no key, even where the server has keys
     async def health(self) -> JSONResponse:
         """Liveness (no key needed). `data` is upstream v2's health record: `models_initialized` says whether every
         stage has loaded its model (`/readyz` is the readiness probe)."""
@@ -464,7 +496,7 @@ class Ingress:
         return JSONResponse(upstream_api.shared(seed, data))
 
     @api.get("/readyz", responses={200: {"model": ReadyResponse, "description": "Ready"},
-                                   **_errors({503: "A stage has no ready replica"})})
+                                   **_errors({503: "A stage has no ready replica"})}, openapi_extra={"security": []})
     async def readyz(self) -> JSONResponse:
         """200 once every stage has a replica that loaded its model and ran a warm-up step; 503 before."""
         missing = await self._not_ready(2.0)
@@ -615,7 +647,8 @@ class Ingress:
     # The LM's own routes (upstream's shapes, in its envelope): one LM job each, batched with the running jobs.
     @api.post("/format_input", responses={200: {"description": "The LM's caption, lyrics and metadata"},
                                           **_errors({400: "No LM on this server, or a malformed param_obj",
-                                                     422: "A value out of range", **_BODY_ERRORS}), **_AUTH})
+                                                     422: "A value out of range", **_BODY_ERRORS, **_LM_ERRORS}),
+                                          **_AUTH})
     async def format_input(self, request: Request) -> JSONResponse:
         """Upstream's `{prompt, lyrics, temperature, param_obj}`: the LM rewrites caption and lyrics and adds the
         metadata `param_obj` leaves empty (what it gives is kept)."""
@@ -625,7 +658,7 @@ class Ingress:
 
     @api.post("/v1/create_sample", responses={200: {"description": "The LM's caption, lyrics and metadata"},
                                               **_errors({400: "No LM on this server", 422: "A value out of range",
-                                                         **_BODY_ERRORS}), **_AUTH})
+                                                         **_BODY_ERRORS, **_LM_ERRORS}), **_AUTH})
     async def create_sample(self, request: Request) -> JSONResponse:
         """Upstream's `{query, instrumental, vocal_language, temperature}`: the LM writes a song's caption, lyrics
         and metadata from a description (sample mode)."""

@@ -299,14 +299,19 @@ class FormatInput(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    prompt: str = Field("", max_length=4096, description="The caption to rewrite.")
-    lyrics: str = Field("", max_length=16384, description="The lyrics to rewrite.")
-    temperature: float = Field(0.85, ge=0.0, le=2.0, allow_inf_nan=False, description="LM sampling temperature.")
-    bpm: int | None = Field(None, ge=30, le=300, description="Kept as given (param_obj).")
-    duration: float | None = Field(None, ge=1.0, le=600.0, allow_inf_nan=False, description="Kept (param_obj).")
-    key_scale: str = Field("", max_length=64, description="Kept as given (param_obj `key` or `key_scale`).")
-    time_signature: str = Field("", max_length=16, description="Kept as given (param_obj).")
-    language: str = Field("", max_length=16, description="Kept as given (param_obj); empty or unknown: the LM's.")
+    prompt: str = Field("", max_length=4096, description="The caption to rewrite.", examples=["dreamy synth pop"])
+    lyrics: str = Field("", max_length=16384, description="The lyrics to rewrite.", examples=[
+        "city lights fading slow, hold on"])
+    temperature: float = Field(0.85, ge=0.0, le=2.0, allow_inf_nan=False, description=(
+        "LM sampling temperature, 0 to 2."), examples=[0.85])
+    bpm: int | None = Field(None, ge=30, le=300, description="Kept as given (param_obj), 30 to 300.", examples=[120])
+    duration: float | None = Field(None, ge=1.0, le=600.0, allow_inf_nan=False, description=(
+        "Kept (param_obj): seconds, 1 to 600."), examples=[30.0])
+    key_scale: str = Field("", max_length=64, description="Kept as given (param_obj `key` or `key_scale`).",
+                           examples=["A Minor"])
+    time_signature: str = Field("", max_length=16, description="Kept as given (param_obj).", examples=["4"])
+    language: str = Field("", max_length=16, description="Kept as given (param_obj); empty or unknown: the LM's.",
+                          examples=["en"])
 
 
 class CreateSample(BaseModel):
@@ -314,10 +319,13 @@ class CreateSample(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    query: str = Field("", max_length=4096, description="The song, described in words (empty: the LM's own idea).")
-    instrumental: bool = Field(False, description="No vocals.")
-    vocal_language: str = Field("unknown", max_length=16, description="unknown: the LM chooses.")
-    temperature: float = Field(0.85, ge=0.0, le=2.0, allow_inf_nan=False, description="LM sampling temperature.")
+    query: str = Field("", max_length=4096, description="The song, described in words (empty: the LM's own idea).",
+                       examples=["a calm piano piece for a rainy evening"])
+    instrumental: bool = Field(False, description="No vocals.", examples=[True])
+    vocal_language: str = Field("unknown", max_length=16, description="Lyrics language code; unknown: the LM "
+                                "chooses.", examples=["en"])
+    temperature: float = Field(0.85, ge=0.0, le=2.0, allow_inf_nan=False, description=(
+        "LM sampling temperature, 0 to 2."), examples=[0.85])
 
 
 def _validated(model: type[BaseModel], raw: Mapping[str, Any]) -> Any:

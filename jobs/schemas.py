@@ -7,7 +7,8 @@ import math
 import re
 from typing import Annotated, Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, WithJsonSchema, field_validator,
+                      model_validator)
 from pydantic.alias_generators import to_camel
 
 # Every task diffusers' AceStepPipeline runs; which of them a model serves depends on its variant
@@ -28,6 +29,8 @@ TrackName = Annotated[str, Field(min_length=1, max_length=64)]
 # The list first: its errors (which entry, why) are the ones reported for a list that fails both.
 AudioCodes = (Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_AUDIO_CODES)]
               | Annotated[str, Field(max_length=MAX_AUDIO_CODES * 24)])
+# A timestep's range, (0, 1], published; `_check_timesteps` checks it, with its own message.
+Timestep = Annotated[float, WithJsonSchema({"type": "number", "exclusiveMinimum": 0.0, "maximum": 1.0})]
 
 # Canonical name -> other keys upstream L (and HEAD) accepted for it, tried in this order after the canonical one.
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -67,94 +70,130 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore", str_strip_whitespace=False)
 
-    caption: str = Field("", max_length=4096, description="Music description prompt.")
-    lyrics: str = Field("", max_length=16384, description="Lyrics; empty for instrumental.")
-    vocal_language: str = Field("en", max_length=16, description="Lyrics language code (en, zh, ja, ...).")
+    caption: str = Field("", max_length=4096, description="Music description prompt.", examples=[
+        "upbeat lo-fi hip hop with mellow piano and vinyl crackle"])
+    lyrics: str = Field("", max_length=16384, description="Lyrics; empty for instrumental.", examples=[
+        "[verse]\nCity lights are fading slow\n[chorus]\nHold on, hold on"])
+    vocal_language: str = Field("en", max_length=16, description="Lyrics language code (en, zh, ja, ...).",
+                                examples=["en"])
     audio_format: Literal[AUDIO_FORMATS] = Field("mp3", description=(
         "Output file format: mp3 (audio/mpeg), wav (16-bit PCM, audio/wav), flac (16-bit, audio/flac), opus (Ogg "
         "Opus, .opus, audio/ogg; codecs=opus), aac (ADTS AAC-LC, .aac, audio/aac) or wav32 (32-bit float, .wav, "
-        "audio/wav)."))
+        "audio/wav)."), examples=["mp3"])
     mp3_bitrate: Literal[MP3_BITRATES] | None = Field(None, description=(
         "MP3 bitrate in kbps, constant (CBR): " + ", ".join(map(str, MP3_BITRATES)) + ". Null: variable bitrate at "
-        "LAME's default quality (V4, about 165 kbps on average), as before. Formats other than mp3 ignore it."))
-    bpm: int | None = Field(None, ge=30, le=300, description="Tempo in beats per minute.")
-    key_scale: str = Field("", max_length=64, description='Key and scale, e.g. "C Major".')
-    time_signature: str = Field("", max_length=16, description='Time signature, e.g. "4".')
+        "LAME's default quality (V4, about 165 kbps on average), as before. Formats other than mp3 ignore it."),
+        examples=[192])
+    bpm: int | None = Field(None, ge=30, le=300, description="Tempo in beats per minute (30 to 300).", examples=[90])
+    key_scale: str = Field("", max_length=64, description='Key and scale, e.g. "C Major".', examples=["C Major"])
+    time_signature: str = Field("", max_length=16, description='Time signature, e.g. "4".', examples=["4"])
     audio_duration: float | None = Field(None, ge=1.0, le=600.0, allow_inf_nan=False, description=(
-        "Seconds of audio. Null: the source audio's length, or the server's default duration."))
-    inference_steps: int = Field(8, ge=1, le=200, description="Diffusion steps (turbo models: 8).")
+        "Seconds of audio, 1 to 600, and at most this server's `queue.max_duration_s` (422 above it; so is "
+        "audio_duration x outputs above its `queue.max_audio_seconds_per_job`). Null: the source audio's length, or "
+        "the server's default duration."), examples=[10.0])
+    inference_steps: int = Field(8, ge=1, le=200, description="Diffusion steps, 1 to 200 (turbo models: 8).",
+                                 examples=[8])
     guidance_scale: float = Field(7.0, ge=0.0, le=30.0, allow_inf_nan=False, description=(
-        "Guidance (APG) scale for base models; turbo models ignore it, as upstream."))
+        "Guidance (APG) scale for base models, 0 to 30; turbo models ignore it, as upstream."), examples=[7.0])
     shift: float = Field(3.0, ge=0.01, le=10.0, allow_inf_nan=False, description=(
         "Timestep schedule shift (0.01 to 10). Below about 6e-8 the float32 schedule divides by zero and the job "
-        "could only fail, so the bound is set well clear of it."))
-    cfg_interval_start: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False, description="Guidance from here.")
-    cfg_interval_end: float = Field(1.0, ge=0.0, le=1.0, allow_inf_nan=False, description="Guidance up to here.")
-    use_random_seed: bool = Field(True, description="Draw random seeds; false uses `seed`, `seed+1`, ...")
+        "could only fail, so the bound is set well clear of it."), examples=[3.0])
+    cfg_interval_start: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False, description=(
+        "Guidance from here: a fraction of the schedule, 0 to 1, at most cfg_interval_end."), examples=[0.0])
+    cfg_interval_end: float = Field(1.0, ge=0.0, le=1.0, allow_inf_nan=False, description=(
+        "Guidance up to here: a fraction of the schedule, 0 to 1."), examples=[1.0])
+    use_random_seed: bool = Field(True, description="Draw random seeds; false uses `seed`, `seed+1`, ...",
+                                  examples=[False])
     seed: Seed | list[Seed] = Field(-1, description=(
         "First seed when use_random_seed is false (then `seed`, `seed+1`, ... per output); -1: random. Or upstream's "
-        "list, as a JSON array or comma-separated text (\"11,12\"): one seed per output, -1 or a missing one random."))
-    batch_size: int | None = Field(None, ge=1, le=8, description="Number of outputs (null: 2).")
+        "list, as a JSON array or comma-separated text (\"11,12\"): one seed per output, -1 or a missing one random. "
+        f"Each -1 to {MAX_SEED}."), examples=[42])
+    batch_size: int | None = Field(None, ge=1, le=8, description=(
+        "Number of outputs, 1 to 8, and at most this server's `queue.max_outputs_per_job` (422 above it). Null: 2."),
+        examples=[1])
     reference_audio_path: str | None = Field(None, max_length=4096, description=(
-        "Server-side reference audio for timbre (cover); must lie in an allowed input directory."))
+        "Server-side reference audio for timbre (cover); must lie in an allowed input directory."),
+        examples=["/data/inputs/voice.wav"])
     src_audio_path: str | None = Field(None, max_length=4096, description=(
-        "Server-side source audio (cover, repaint, lego, extract, complete); must lie in an allowed input directory."))
+        "Server-side source audio (cover, repaint, lego, extract, complete); must lie in an allowed input directory."),
+        examples=["/data/inputs/song.wav"])
     task_type: Literal[TASK_TYPES] = Field("text2music", description=(
         "text2music, cover, repaint, lego, extract or complete. repaint, lego, extract and complete need source audio; "
-        "lego, extract and complete need a base model (each model's tasks: /v1/model_inventory)."))
+        "lego, extract and complete need a base model (each model's tasks: /v1/model_inventory)."),
+        examples=["text2music"])
     track_name: TrackName | None = Field(None, description=(
         'extract: the track to take out of the source audio; lego: the track to generate over it (e.g. "vocals", '
-        '"drums", "bass", "guitar"). Null: the task\'s generic instruction. Other tasks ignore it.'))
+        '"drums", "bass", "guitar"). Null: the task\'s generic instruction. Other tasks ignore it.'),
+        examples=["vocals"])
     track_classes: list[TrackName] | None = Field(None, max_length=16, description=(
         'complete: the tracks to add to the source audio, a list or comma-separated text ("drums, bass"). Null: the '
-        "task's generic instruction. Other tasks ignore it."))
+        "task's generic instruction. Other tasks ignore it. At most 16 tracks."), examples=[["drums", "bass"]])
     audio_code_string: AudioCodes | None = Field(None, description=(
         "5 Hz semantic audio codes (what upstream's language model writes): a string of `<|audio_code_N|>` tokens, "
         "or a list of the integers N. The model's audio detokenizer turns them into the source latents, and their "
         "count sets the length (5 codes a second); text2music with codes runs as cover. Needs a model with an audio "
-        "tokenizer and detokenizer; every N must be in its codebook."))
-    instruction: str | None = Field(None, max_length=1024, description="DiT instruction; null: the task's own.")
-    repainting_start: float = Field(0.0, ge=0.0, le=600.0, allow_inf_nan=False, description="Repaint from (s).")
+        "tokenizer and detokenizer; every N must be in its codebook (422 otherwise). At most "
+        f"{MAX_AUDIO_CODES} codes."),
+        examples=[[101, 2048, 7]])
+    instruction: str | None = Field(None, max_length=1024, description="DiT instruction; null: the task's own.",
+                                     examples=["Fill the audio semantic mask based on the given conditions:"])
+    repainting_start: float = Field(0.0, ge=0.0, le=600.0, allow_inf_nan=False, description=(
+        "Repaint from (s), 0 to 600."), examples=[2.0])
     repainting_end: float | None = Field(None, le=600.0, allow_inf_nan=False, description=(
-        "Repaint until (s); null or negative: the end of the source."))
+        "Repaint until (s), at most 600 and greater than repainting_start; null or negative: the end of the source."),
+        examples=[6.0])
     audio_cover_strength: float = Field(1.0, ge=0.0, le=1.0, allow_inf_nan=False, description=(
-        "Cover: 1 follows the source fully; lower blends in text2music conditions."))
-    timesteps: list[float] | None = Field(None, min_length=1, max_length=200, description=(
-        "Custom timestep schedule in (0, 1], descending; overrides inference_steps and shift."))
-    model: str | None = Field(None, max_length=256, description="DiT model name from /v1/models; null: default.")
+        "Cover, 0 to 1: 1 follows the source fully; lower blends in text2music conditions."), examples=[0.8])
+    timesteps: list[Timestep] | None = Field(None, min_length=1, max_length=200, description=(
+        "Custom timestep schedule, 1 to 200 values in (0, 1], strictly descending; overrides inference_steps and "
+        "shift."), examples=[[1.0, 0.75, 0.5, 0.25]])
+    model: str | None = Field(None, max_length=256, description="DiT model name from /v1/models; null: default.",
+                              examples=["acestep-v15-tiny"])
     thinking: bool = Field(False, description=(
         "Run the 5 Hz language model's plan: its metadata for what you left empty (phase 1), then duration x 5 audio "
-        "codes that the DiT follows (phase 2). Needs the server's `lm`; cover, repaint and extract skip the LM."))
-    use_cot_metas: bool = Field(True, description="When the LM runs: it writes the metadata you left empty.")
+        "codes that the DiT follows (phase 2). Needs the server's `lm`; cover, repaint and extract skip the LM."),
+        examples=[False])
+    use_cot_metas: bool = Field(True, description="When the LM runs: it writes the metadata you left empty.",
+                                examples=[True])
     use_cot_caption: bool = Field(True, description=(
-        "When the LM runs: it rewrites the caption. With no LM on the server these three are ignored, as upstream."))
-    use_cot_language: bool = Field(True, description="When the LM runs: it chooses the vocal language.")
+        "When the LM runs: it rewrites the caption. With no LM on the server these three are ignored, as upstream."),
+        examples=[True])
+    use_cot_language: bool = Field(True, description="When the LM runs: it chooses the vocal language.",
+                                   examples=[True])
     sample_mode: bool = Field(False, description=(
-        "The LM writes caption, lyrics and metadata from `sample_query` (a description). Needs the server's `lm`."))
-    sample_query: str = Field("", max_length=4096, description="Sample mode's description of the song.")
+        "The LM writes caption, lyrics and metadata from `sample_query` (a description). Needs the server's `lm`."),
+        examples=[False])
+    sample_query: str = Field("", max_length=4096, description="Sample mode's description of the song.",
+                              examples=["a calm piano piece for a rainy evening"])
     use_format: bool = Field(False, description=(
-        "The LM rewrites the given caption and lyrics into its format and adds metadata. Needs the server's `lm`."))
-    lm_temperature: float = Field(0.85, ge=0.0, le=2.0, allow_inf_nan=False, description="LM sampling temperature; "
-                                  "0 is greedy.")
+        "The LM rewrites the given caption and lyrics into its format and adds metadata. Needs the server's `lm`."),
+        examples=[False])
+    lm_temperature: float = Field(0.85, ge=0.0, le=2.0, allow_inf_nan=False, description=(
+        "LM sampling temperature, 0 to 2; 0 is greedy."), examples=[0.85])
     lm_cfg_scale: float = Field(2.5, ge=0.0, le=10.0, allow_inf_nan=False, description=(
-        "LM classifier-free guidance for the codes; above 1 it runs an unconditional row beside each answer."))
-    lm_negative_prompt: str = Field("NO USER INPUT", max_length=4096, description="The unconditional row's prompt.")
-    lm_top_k: int | None = Field(None, ge=0, le=1000, description="LM top-k; null or 0: off.")
-    lm_top_p: float | None = Field(0.9, gt=0.0, le=1.0, allow_inf_nan=False, description="LM nucleus; 1: off.")
+        "LM classifier-free guidance for the codes, 0 to 10; above 1 it runs an unconditional row beside each "
+        "answer."), examples=[2.5])
+    lm_negative_prompt: str = Field("NO USER INPUT", max_length=4096, description="The unconditional row's prompt.",
+                                    examples=["NO USER INPUT"])
+    lm_top_k: int | None = Field(None, ge=0, le=1000, description="LM top-k, 0 to 1000; null or 0: off.",
+                                 examples=[50])
+    lm_top_p: float | None = Field(0.9, gt=0.0, le=1.0, allow_inf_nan=False, description=(
+        "LM nucleus, above 0 and at most 1; 1: off."), examples=[0.9])
     lm_repetition_penalty: float = Field(1.0, ge=0.5, le=2.0, allow_inf_nan=False, description=(
-        "LM repetition penalty; 1: off."))
+        "LM repetition penalty, 0.5 to 2; 1: off."), examples=[1.0])
     lora: str | None = Field(None, max_length=128, description=(
         "A LoRA adapter of the model, by name (GET /v1/lora/status lists them): the job's DiT passes run with it. "
-        "Null: the model as it is."))
+        "Null: the model as it is."), examples=["my-style"])
     lora_scale: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False, description=(
-        "The adapter's strength (0 runs as no adapter). Jobs with different adapters or scales never share a "
-        "forward pass."))
+        "The adapter's strength, 0 to 2 (0 runs as no adapter). Jobs with different adapters or scales never share a "
+        "forward pass."), examples=[0.8])
     webhook: str | None = Field(None, max_length=2048, description=(
         "http(s) URL the server POSTs the job's events to, signed (X-ACEStep-Signature, see the README). The host "
-        "must resolve to public addresses (unless the server allows private ones) and be in its allowed hosts."))
+        "must resolve to public addresses (unless the server allows private ones) and be in its allowed hosts."),
+        examples=["https://hooks.example.com/acestep"])
     webhook_events: list[Literal[WEBHOOK_EVENTS]] = Field(list(WEBHOOK_EVENTS), min_length=1, description=(
         "Which events go to the webhook: start (first leased, status running), completed (succeeded, failed or "
-        "canceled). A list or comma-separated text."))
+        "canceled). A list or comma-separated text."), examples=[["completed"]])
 
     @field_validator("webhook_events", mode="before")
     @classmethod
@@ -372,7 +411,7 @@ class ReadyResponse(BaseModel):
     stages: list[str]
 
 
-_SCHEMA_METADATA = ("title", "description", "default")
+_SCHEMA_METADATA = ("title", "description", "default", "examples")
 _ABSENT = [{"type": "null"}, {"const": ""}]
 _SPACE = r"[\s\x85]*"  # what pydantic strips around a number (Unicode White_Space)
 

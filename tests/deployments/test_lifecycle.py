@@ -40,11 +40,25 @@ def test_api_keys(life):
     assert httpx.get(url + "/readyz", timeout=30).status_code == 200
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
         for method, path in (("GET", "/v1/models"), ("POST", "/v1/music/generate"), ("GET", "/v1/jobs/x"),
-                             ("GET", "/v1/audio?path=x"), ("GET", "/openapi.json")):
+                             ("GET", "/v1/audio?path=x"), ("GET", "/docs/assets/other.js")):
             response = httpx.request(method, url + path, headers=headers)
             assert response.status_code == 401, (method, path, headers)
             assert response.json() == {"detail": "Missing or invalid API key"}
     assert httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+
+
+def test_docs_load_without_a_key_under_the_prefix(life):
+    """The schema and the docs pages hold no data: they load without a key, their URLs under the route prefix."""
+    _, url, _ = life
+    spec = httpx.get(url + "/openapi.json")
+    assert spec.status_code == 200 and spec.json()["servers"] == [{"url": "/life"}]  # where "Try it out" sends
+    page = httpx.get(url + "/docs").text
+    assert "url: '/life/openapi.json'" in page
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css", "favicon.png"):
+        assert f'"/life/docs/assets/{asset}"' in page
+        assert httpx.get(f"{url}/docs/assets/{asset}").status_code == 200
+    for path in ("/redoc", "/docs/assets/redoc.standalone.js"):
+        assert httpx.get(url + path).status_code == 200
 
 
 def test_cancel_queued_and_running(life):
