@@ -7,12 +7,15 @@ import math
 import time
 import types
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from diffusers import AutoencoderOobleck
 
 from models.loading import ModelConfig, load_components, load_vae_config, pipeline_view
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderOobleck
 
 logger = logging.getLogger(__name__)
 

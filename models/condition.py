@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers.pipelines.ace_step.pipeline_ace_step import TASK_INSTRUCTIONS
 
 from models.loading import ModelConfig, load_components, load_vae_config, pipeline_view
 
@@ -94,6 +93,8 @@ class ConditionEngine:
     @torch.no_grad()
     def encode(self, requests: list[ConditionRequest], max_text_length: int = 256,
                max_lyric_length: int = 2048) -> list[ConditionResult]:
+        from diffusers.pipelines.ace_step.pipeline_ace_step import TASK_INSTRUCTIONS
+
         pipe, device, dtype = self.pipe, self.device, self.dtype
         # Rows to encode: every request once, plus a text2music row for covers blended with strength < 1.
         rows = [(i, r.instruction or pipe._get_task_instruction(task_type=r.task, track_name=r.track_name,

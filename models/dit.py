@@ -18,20 +18,23 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import FlowMatchEulerDiscreteScheduler
-from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
-from diffusers.models.transformers.ace_step_transformer import (AceStepAttnProcessor2_0, _create_4d_mask,
-                                                                _is_flash_attention_backend)
-from diffusers.utils.torch_utils import randn_tensor
 
 from models.condition import ConditionResult
 from models.loading import ModelConfig, load_components, load_vae_config, pipeline_view
 from models.lora import AdapterRegistry, lora_key
+
+# diffusers is imported where the engine uses it, not here: the request types and `batch_key` are also what the
+# driver and a simulated DiT replica (deployments/simulate.py) import, and diffusers (with peft) takes seconds.
+if TYPE_CHECKING:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer
+
+    from models.dit_attention import KeyPaddingAttnProcessor, PaddingMasks
 
 logger = logging.getLogger(__name__)
 
@@ -105,46 +108,6 @@ class Sampling:
 StepCallback = Callable[[list[str], int, int, float], "set[str] | list[str] | None"]
 
 
-@dataclass
-class PaddingMasks:
-    """Key-padding masks of one forward pass over a padded batch: additive (0 kept, dtype min masked), shaped to
-    broadcast over heads (and queries, but for `sliding`); None where nothing is padded (what attention then gets is
-    diffusers' own: no mask, or its sliding-window band)."""
-
-    keys: torch.Tensor | None  # (B, 1, 1, L): latent patches, as self-attention keys (full-attention layers)
-    sliding: torch.Tensor | None  # (B, 1, L, L) band & keys on sliding-window layers; `keys` where no band is needed
-    cross: torch.Tensor | None  # (B, 1, 1, S): condition tokens, as cross-attention keys
-
-
-class KeyPaddingAttnProcessor(AceStepAttnProcessor2_0):
-    """diffusers' ACE-Step attention processor, with the key-padding masks of the pass in flight (`masks`) in place of
-    the mask diffusers' forward hands each layer. With `masks` None (same-shape batches) it is diffusers' processor.
-
-    The masks go through the processor's own `attention_mask` path: SDPA (any of its kernels that take a mask),
-    or, with a flash backend, diffusers' conversion of a 4D keep-mask to a varlen padding mask. diffusers' forward
-    takes no mask, and its blocks call the processor with fixed arguments (filtered by this `__call__`'s signature),
-    so `DiTEngine._forward` sets `masks` on the one instance that all the model's attention layers share.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.masks: PaddingMasks | None = None
-
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None,
-                 image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        masks = self.masks
-        if masks is not None:
-            if attn.is_cross_attention and encoder_hidden_states is not None:
-                attention_mask = masks.cross if masks.cross is not None else attention_mask
-            elif masks.keys is not None:
-                # A sliding layer gets diffusers' band mask (SDPA backends) or None (flash: it passes window_size).
-                banded = attention_mask is not None and getattr(attn, "sliding_window", None) is not None
-                attention_mask = masks.sliding if banded else masks.keys
-        return super().__call__(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
-                                attention_mask=attention_mask, image_rotary_emb=image_rotary_emb)
-
-
 class DiTEngine:
     """`AceStepTransformer1DModel` + the ACE-Step timestep schedule + Euler steps (+ APG guidance for base models)."""
 
@@ -208,6 +171,10 @@ class DiTEngine:
     def start(self, request: DiTRequest) -> Sampling:
         """A job's initial state: seeded noise (one generator per output) and its own scheduler. Its LoRA adapter is
         loaded now, so that a missing or bad one fails this job alone (`models.lora.AdapterError`)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer
+        from diffusers.utils.torch_utils import randn_tensor
+
         device, dtype, c = self.device, self.transformer.dtype, request.condition
         if request.lora is not None:
             self._adapters().check(request.lora)
@@ -238,6 +205,8 @@ class DiTEngine:
     @torch.no_grad()
     def step(self, states: list[Sampling]) -> None:
         """Advance every state by one Euler step with one forward pass. All states must share a `batch_key`."""
+        from diffusers.guiders.adaptive_projected_guidance import normalized_guidance
+
         assert len({s.key for s in states}) == 1, "states with different batch keys cannot share a forward pass"
         request = states[0].request
         guidance = self.effective_guidance(request.guidance_scale)
@@ -299,6 +268,8 @@ class DiTEngine:
     def _processor(self) -> KeyPaddingAttnProcessor:
         """The transformer's shared `KeyPaddingAttnProcessor`, installed in every attention layer if it is not there
         (a new engine, or a transformer swapped in; a deep copy keeps one shared instance)."""
+        from models.dit_attention import KeyPaddingAttnProcessor
+
         processor = self.transformer.layers[0].self_attn.processor
         if not isinstance(processor, KeyPaddingAttnProcessor):
             processor = KeyPaddingAttnProcessor()
@@ -323,6 +294,10 @@ class DiTEngine:
     def _padding_masks(self, frames: list[int], tokens: list[int]) -> PaddingMasks | None:
         """Masks for rows of `frames` latent frames and `tokens` condition tokens, padded to the longest; None when
         every row has the same lengths (diffusers' forward exactly as upstream runs it)."""
+        from diffusers.models.transformers.ace_step_transformer import _create_4d_mask, _is_flash_attention_backend
+
+        from models.dit_attention import PaddingMasks
+
         frames_differ, tokens_differ = len(set(frames)) > 1, len(set(tokens)) > 1
         if not (frames_differ or tokens_differ):
             return None

@@ -42,14 +42,11 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import ConfigDict, Field, model_validator
-from tokenizers import AddedToken
 from torch.nn.utils.rnn import pad_sequence
-from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, Qwen3Config, Qwen3ForCausalLM,
-                          RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper)
 
 from models.lm_constraints import (AnswerConstraint, Codes, MetadataLimits, TokenTables, metadata_segments,
                                    understand_segments)
@@ -58,6 +55,11 @@ from models.lm_prompts import (DURATION_RANGE, FIELD_ORDER, NO_USER_INPUT, PLANN
                                audio_code_token)
 from models.loading import CheckpointError, LoadOptions, _own_aligned_storage
 from models.presets import FSQ_LEVELS, build_byte_tokenizer
+
+# transformers is imported where the engine uses it, not here: the request types and `LMConfig` are also what the
+# ingress, the driver and the app builder import, and transformers' models take seconds to import.
+if TYPE_CHECKING:
+    from transformers import Qwen3ForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +124,8 @@ class LMConfig(LoadOptions):
 def build_lm_tokenizer(codebook_size: int = math.prod(FSQ_LEVELS)):
     """The byte-level preset tokenizer (`models.presets.build_byte_tokenizer`) with the 5 Hz LM's additions: Qwen's
     chat markers and `<think>` tags, `codebook_size` audio-code tokens, and a Qwen-style chat template."""
+    from tokenizers import AddedToken
+
     tokenizer = build_byte_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in ("<think>", "</think>")])
@@ -134,6 +138,8 @@ def build_lm_tokenizer(codebook_size: int = math.prod(FSQ_LEVELS)):
 
 def build_lm_preset(name: str, seed: int = 0) -> tuple[Qwen3ForCausalLM, Any]:
     """A preset's model (random weights, deterministic from `seed`) and tokenizer."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
     if name not in LM_PRESETS:
         raise ValueError(f"unknown LM preset {name!r}; choose one of {sorted(LM_PRESETS)}")
     tokenizer = build_lm_tokenizer()
@@ -157,6 +163,8 @@ def check_lm_dir(checkpoint_dir: str) -> Path:
 
 def load_lm(config: LMConfig) -> tuple[Qwen3ForCausalLM, Any]:
     """The configured model (on its device and dtype, eval) and tokenizer; nothing is downloaded."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     start = time.perf_counter()
     if config.checkpoint_dir is None:
         model, tokenizer = build_lm_preset(config.preset, seed=config.seed)
@@ -524,6 +532,8 @@ class LMEngine:
     def _choose(self, request: LMRequest, answer: _Answer, logits: list[torch.Tensor]) -> int | None:
         """The answer's next token from its rows' logits `(vocab,)`: CFG, the constraint's mask, then upstream's
         sampling order (repetition penalty, top-k, top-p, temperature) with the answer's own generator."""
+        from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
+
         scores = logits[0].float()
         if len(logits) == 2:  # CFG on every token; the mask below keeps the allowed ones (upstream: on codes only)
             unconditional = logits[1].float()
@@ -551,6 +561,8 @@ class LMEngine:
 
     def _prefill(self, row: _Sequence) -> torch.Tensor:
         """Run a new row's prompt alone; keep its KV cache. Returns the logits `(vocab,)` of its first token."""
+        from transformers import DynamicCache
+
         cache = DynamicCache(config=self.model.config)
         input_ids = torch.tensor([row.ids], device=self.device)
         out = self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
@@ -563,6 +575,8 @@ class LMEngine:
 
     def _decode(self, rows: list[_Sequence]) -> list[torch.Tensor]:
         """One forward over the rows' last tokens, their caches left-padded to the longest. Logits `(vocab,)` each."""
+        from transformers import DynamicCache
+
         lengths = torch.tensor([r.cached for r in rows], device=self.device)
         for r in rows:
             assert r.cached == len(r.ids) - 1, "a row's cache must hold all but its last token"

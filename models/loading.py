@@ -6,6 +6,7 @@ missing or partial directory is a start-up error that names every missing part.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import time
@@ -14,27 +15,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from diffusers import AutoencoderOobleck, FlowMatchEulerDiscreteScheduler
-from diffusers.models.transformers.ace_step_transformer import AceStepTransformer1DModel
-from diffusers.pipelines.ace_step import AceStepConditionEncoder
-from diffusers.pipelines.ace_step.modeling_ace_step import AceStepAudioTokenDetokenizer, AceStepAudioTokenizer
 from pydantic import BaseModel, ConfigDict, Field
-from transformers import AutoModel, AutoTokenizer
 
 from models.presets import FSQ_LEVELS, PRESETS, build_preset, part_config
 
 logger = logging.getLogger(__name__)
 
 # Component -> (loader, required). The two audio-token modules are optional in diffusers too (cover from source audio).
-_LOADERS: dict[str, tuple[Any, bool]] = {
-    "transformer": (AceStepTransformer1DModel, True),
-    "condition_encoder": (AceStepConditionEncoder, True),
-    "vae": (AutoencoderOobleck, True),
-    "text_encoder": (AutoModel, True),
-    "tokenizer": (AutoTokenizer, True),
-    "scheduler": (FlowMatchEulerDiscreteScheduler, True),
-    "audio_tokenizer": (AceStepAudioTokenizer, False),
-    "audio_token_detokenizer": (AceStepAudioTokenDetokenizer, False),
+# Loaders are named, not imported (`_loader`): diffusers and transformers take seconds to import, and the processes
+# that read only configs (the ingress, the driver, a simulated stage) never load weights.
+_LOADERS: dict[str, tuple[str, bool]] = {
+    "transformer": ("diffusers.AceStepTransformer1DModel", True),
+    "condition_encoder": ("diffusers.AceStepConditionEncoder", True),
+    "vae": ("diffusers.AutoencoderOobleck", True),
+    "text_encoder": ("transformers.AutoModel", True),
+    "tokenizer": ("transformers.AutoTokenizer", True),
+    "scheduler": ("diffusers.FlowMatchEulerDiscreteScheduler", True),
+    "audio_tokenizer": ("diffusers.AceStepAudioTokenizer", False),
+    "audio_token_detokenizer": ("diffusers.AceStepAudioTokenDetokenizer", False),
 }
 REQUIRED_PARTS = [part for part, (_, required) in _LOADERS.items() if required]
 # Cover from source audio quantizes the source through these (models.condition), and `audio_code_string` is turned
@@ -127,6 +125,12 @@ class ModelConfig(LoadOptions):
 
 
 
+def _loader(part: str) -> Any:
+    """The diffusers or transformers class that loads `part` from a checkpoint (`_LOADERS`)."""
+    module, name = _LOADERS[part][0].rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
+
+
 def check_checkpoint_dir(checkpoint_dir: str | Path, parts: list[str]) -> Path:
     """Raise `CheckpointError` naming every required part of `parts` that the directory lacks."""
     root = Path(checkpoint_dir).expanduser()
@@ -158,10 +162,10 @@ def load_components(config: ModelConfig, parts: list[str]) -> dict[str, Any]:
         root = check_checkpoint_dir(config.checkpoint_dir, parts)
         components = {}
         for part in parts:
-            loader, _required = _LOADERS[part]
             if not (root / part).is_dir():
                 components[part] = None
                 continue
+            loader = _loader(part)
             try:
                 if part in ("text_encoder", "tokenizer"):
                     components[part] = loader.from_pretrained(root / part, local_files_only=True)
@@ -208,7 +212,7 @@ def load_part_config(config: ModelConfig, part: str) -> dict[str, Any]:
     root = check_checkpoint_dir(config.checkpoint_dir, [part])
     if not (root / part).is_dir():
         raise CheckpointError(f"checkpoint_dir {str(root)!r} has no {part}/")
-    return dict(_LOADERS[part][0].load_config(root, subfolder=part, local_files_only=True))
+    return dict(_loader(part).load_config(root, subfolder=part, local_files_only=True))
 
 
 def load_vae_config(config: ModelConfig) -> dict[str, Any]:

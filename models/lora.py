@@ -32,11 +32,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from diffusers.loaders import AceStepLoraLoaderMixin
-from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 
 logger = logging.getLogger(__name__)
 
+# diffusers' `LORA_WEIGHT_NAME_SAFE` (tests/models/test_lora.py pins it): importing `diffusers.loaders` to read it would
+# import peft and transformers into every process that lists adapters, the ingress's included.
+LORA_WEIGHT_NAME_SAFE = "pytorch_lora_weights.safetensors"
 PEFT_WEIGHT_NAME = "adapter_model.safetensors"
 PEFT_CONFIG_NAME = "adapter_config.json"
 # A name is one path component: no separators, no leading dot (so no `..` and no hidden directories).
@@ -115,6 +116,8 @@ def read_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     """An adapter directory's LoRA state dict, keyed by the transformer's module names, and its `LoraConfig` kwargs
     (None: diffusers infers them, alpha = rank). A PEFT adapter's alpha / rank scaling is folded into lora_B, so both
     layouts load with diffusers' own config inference."""
+    from diffusers.loaders import AceStepLoraLoaderMixin
+
     name, weight_name = path.name, _weights_file(path)
     if weight_name is None:
         raise AdapterLoadError(f"lora {name!r}: no {LORA_WEIGHT_NAME_SAFE} or {PEFT_WEIGHT_NAME}")
@@ -280,6 +283,7 @@ def write_random_adapter(transformer_or_preset: torch.nn.Module | str, path: str
     LoRA config (r, lora_alpha) in its header. "peft": ACE-Step's own layout, `adapter_model.safetensors` with its
     module names plus peft's `adapter_config.json`. Same seed, same weights: both layouts give the same output.
     """
+    from diffusers.loaders import AceStepLoraLoaderMixin
     from peft import LoraConfig
     from safetensors.torch import save_file
 

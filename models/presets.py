@@ -20,15 +20,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import AutoencoderOobleck, FlowMatchEulerDiscreteScheduler
-from diffusers.models.transformers.ace_step_transformer import AceStepTransformer1DModel
-from diffusers.pipelines.ace_step import AceStepConditionEncoder
-from diffusers.pipelines.ace_step.modeling_ace_step import AceStepAudioTokenDetokenizer, AceStepAudioTokenizer
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderOobleck
+    from diffusers.pipelines.ace_step import AceStepConditionEncoder
+    from transformers import PreTrainedTokenizerFast
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +123,9 @@ def build_byte_tokenizer() -> PreTrainedTokenizerFast:
 
     The ACE-Step prompt templates end in `<|endoftext|>`, so it must be a single special token, as in Qwen3's.
     """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {symbol: i for i, symbol in enumerate(alphabet)}
     for token in SPECIAL_TOKENS:
@@ -137,6 +139,14 @@ def build_byte_tokenizer() -> PreTrainedTokenizerFast:
 
 def build_preset(name: str, seed: int = 0) -> dict[str, Any]:
     """Instantiate a preset's component set with random weights, deterministically from `seed`."""
+    # Imported here, not at the top: the configs above are read by processes that never build a model (the ingress,
+    # the driver, a simulated stage), and diffusers + transformers take seconds to import.
+    from diffusers import AutoencoderOobleck, FlowMatchEulerDiscreteScheduler
+    from diffusers.models.transformers.ace_step_transformer import AceStepTransformer1DModel
+    from diffusers.pipelines.ace_step import AceStepConditionEncoder
+    from diffusers.pipelines.ace_step.modeling_ace_step import AceStepAudioTokenDetokenizer, AceStepAudioTokenizer
+    from transformers import Qwen3Config, Qwen3Model
+
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     cfg = PRESETS[name]

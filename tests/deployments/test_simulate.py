@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import math
+import subprocess
+import sys
 import time
 
 import httpx
@@ -63,6 +65,17 @@ def test_the_shipped_cost_files_load_and_the_ideal_follows_the_formula():
     result = ideal(COSTS, jobs, limits)
     assert result["bottleneck"] == "dit"
     assert result["jobs_per_s"] == pytest.approx(4 / (8 * (0.05 + 1e-4 * 4 * 50)))
+
+
+def test_no_model_code_where_no_model_is_built():
+    """diffusers, transformers and peft are imported only where an engine builds its network: a simulated stage
+    replica, the ingress, the driver and the registry start without them (seconds of imports on a busy CPU, which
+    delayed the replicas the autoscaler adds)."""
+    code = ("import sys, deployments.app, deployments.simulate, jobs.registry; "
+            "print(sorted(m for m in ('diffusers', 'transformers', 'peft', 'tokenizers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
 
 
 def test_build_app_refuses_to_simulate():

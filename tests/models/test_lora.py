@@ -14,10 +14,11 @@ from safetensors.torch import load_file, save_file
 
 from jobs.step_scheduler import StepScheduler, StepSchedulingConfig
 from models.condition import ConditionEngine, ConditionRequest
-from models.dit import DiTEngine, DiTRequest, KeyPaddingAttnProcessor
+from models.dit import DiTEngine, DiTRequest
+from models.dit_attention import KeyPaddingAttnProcessor
 from models.loading import CheckpointError, ModelConfig
-from models.lora import (AdapterError, AdapterLoadError, AdapterRegistry, UnknownAdapterError, adapter_path,
-                         available_adapters, write_random_adapter)
+from models.lora import (LORA_WEIGHT_NAME_SAFE, AdapterError, AdapterLoadError, AdapterRegistry, UnknownAdapterError,
+                         adapter_path, available_adapters, write_random_adapter)
 
 ATOL = 2e-5  # as tests/models/test_batching.py
 
@@ -154,6 +155,9 @@ def test_unknown_and_path_traversal_names_are_rejected(dit, conditions, lora_dir
 
 
 def test_names_and_configuration(lora_dir, tmp_path):
+    from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE as diffusers_weight_name
+
+    assert LORA_WEIGHT_NAME_SAFE == diffusers_weight_name  # the name, kept without importing diffusers' loaders
     assert available_adapters(lora_dir) == ["other", "style", "style-a8", "style-peft", "third"]
     assert adapter_path(lora_dir, "style") == lora_dir / "style"
     with pytest.raises(UnknownAdapterError, match="lora_dir is not set"):
