@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.logs import configure_replica_logging
@@ -84,7 +83,7 @@ class EngineGuard:
         self.busy_s = 0.0
         self.fault: str | None = None
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"{stage}-engine",
-                                           initializer=torch.set_num_threads if threads else None,
+                                           initializer=_set_torch_threads if threads else None,
                                            initargs=(threads,) if threads else ())
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -124,6 +123,12 @@ class EngineGuard:
     def check_health(self) -> None:
         if self.failures >= self.limit:
             raise RuntimeError(f"{self.stage} engine failed {self.failures} calls in a row")
+
+
+def _set_torch_threads(threads: int) -> None:
+    import torch  # only where threads are set: a simulated replica does not import torch at all
+
+    torch.set_num_threads(threads)
 
 
 @dataclass

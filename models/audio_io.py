@@ -10,8 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-import torch
-import torchaudio
 
 
 @dataclass(frozen=True)
@@ -92,6 +90,9 @@ def load_audio(source: str | Path | bytes, sample_rate: int, channels: int) -> n
         waveform = np.repeat(waveform, channels, axis=0)
     waveform = waveform[:channels]
     if source_rate != sample_rate:
+        import torch  # here, not at the top: an AudioCodec replica that never resamples starts without it
+        import torchaudio
+
         waveform = torchaudio.functional.resample(torch.from_numpy(waveform), source_rate, sample_rate).numpy()
     return np.ascontiguousarray(waveform, dtype=np.float32)
 

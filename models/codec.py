@@ -10,11 +10,11 @@ from collections import defaultdict
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from models.loading import ModelConfig, load_components, load_vae_config, pipeline_view
+from models.loading import ModelConfig, load_components, load_vae_config, no_grad, pipeline_view
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch, like diffusers, is imported where the engine computes, not with the module
+    import torch
     from diffusers import AutoencoderOobleck
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class AudioCodecEngine:
     def hop_length(self) -> int:
         return math.prod(self.vae.config.downsampling_ratios)
 
-    @torch.no_grad()
+    @no_grad
     def decode(self, latents: list[np.ndarray]) -> list[np.ndarray]:
         """Per item `(n, frames, latent_channels)` -> `(n, channels, frames * hop)` float32 in [-1, 1].
 
@@ -101,6 +101,8 @@ class AudioCodecEngine:
 
     def _decode_rows(self, latents: np.ndarray) -> np.ndarray:
         """`(rows, frames, latent_channels)` -> normalised `(rows, channels, frames * hop)` float32."""
+        import torch
+
         rows, frames = latents.shape[:2]
         per_call = max(1, self.DECODE_PASS_FRAMES // frames) if self.tiling else rows
         out = None
@@ -115,13 +117,15 @@ class AudioCodecEngine:
             del audio
         return out
 
-    @torch.no_grad()
+    @no_grad
     def encode(self, waveform: np.ndarray, kind: str, seed: int | None = None) -> np.ndarray:
         """`(channels, samples)` at `sample_rate` -> latents `(frames, latent_channels)`.
 
         `kind="reference"` first takes the pipeline's 30 s timbre excerpt (front, middle and back 10 s). The VAE
         posterior is sampled, as upstream does; `seed` makes that sample reproducible (None: torch's global RNG).
         """
+        import torch
+
         audio = torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32)).to(self.device)
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
@@ -138,6 +142,8 @@ class AudioCodecEngine:
 
 def _peak(audio: torch.Tensor) -> torch.Tensor:
     """`audio.abs().amax(dim=[1, 2], keepdim=True)` without a full-size `abs()` temporary."""
+    import torch
+
     return torch.maximum(audio.amax(dim=(1, 2), keepdim=True), audio.amin(dim=(1, 2), keepdim=True).neg())
 
 
@@ -158,6 +164,8 @@ def _tiled_encode(vae: AutoencoderOobleck, x: torch.Tensor) -> torch.Tensor:
     keeps whole frames; the last runs to the end of the input (the encoder gives floor(samples / hop) frames, the
     tail's partial frame seen as in the whole pass).
     """
+    import torch
+
     hop, samples = vae.hop_length, x.shape[-1]
     overlap = vae.tile_sample_overlap // hop
     core = vae.tile_sample_min_length // hop - 2 * overlap

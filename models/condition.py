@@ -18,10 +18,14 @@ import logging
 import math
 from dataclasses import dataclass
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
-from models.loading import ModelConfig, load_components, load_vae_config, pipeline_view
+import numpy as np
+
+from models.loading import ModelConfig, load_components, load_vae_config, no_grad, pipeline_view
+
+if TYPE_CHECKING:  # torch is imported where the engine computes: the request types are read without it
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -90,9 +94,10 @@ class ConditionEngine:
     def latents_per_second(self) -> float:
         return self.pipe.latents_per_second
 
-    @torch.no_grad()
+    @no_grad
     def encode(self, requests: list[ConditionRequest], max_text_length: int = 256,
                max_lyric_length: int = 2048) -> list[ConditionResult]:
+        import torch
         from diffusers.pipelines.ace_step.pipeline_ace_step import TASK_INSTRUCTIONS
 
         pipe, device, dtype = self.pipe, self.device, self.dtype
@@ -152,6 +157,8 @@ class ConditionEngine:
         As there, audio codes take precedence over the source latents (which then only say that there was a source:
         the repaint and lego regions apply), and set the length.
         """
+        import torch
+
         pipe, device, dtype, task = self.pipe, self.device, self.dtype, request.task
         acoustic_dim = pipe.condition_encoder.silence_latent.shape[-1]
         has_src = request.src_latents is not None

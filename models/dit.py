@@ -21,16 +21,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from models.condition import ConditionResult
-from models.loading import ModelConfig, load_components, load_vae_config, pipeline_view
+from models.loading import ModelConfig, load_components, load_vae_config, no_grad, pipeline_view
 from models.lora import AdapterRegistry, lora_key
 
-# diffusers is imported where the engine uses it, not here: the request types and `batch_key` are also what the
-# driver and a simulated DiT replica (deployments/simulate.py) import, and diffusers (with peft) takes seconds.
+# torch and diffusers are imported where the engine uses them, not here: the request types and `batch_key` are also
+# what the driver and a simulated DiT replica (deployments/simulate.py) import, and those libraries take seconds.
 if TYPE_CHECKING:
+    import torch
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer
 
@@ -155,6 +154,8 @@ class DiTEngine:
                 start = time.perf_counter()
                 self.step([state])
                 if self.device.type == "cuda":
+                    import torch
+
                     torch.cuda.synchronize(self.device)
                 timed.append((state.rows * state.frames, time.perf_counter() - start))
         return timed
@@ -167,10 +168,11 @@ class DiTEngine:
                                     null_embedding=np.zeros((width,), np.float32))
         return DiTRequest(condition=condition, seeds=[0], num_inference_steps=steps, tag="warm-up")
 
-    @torch.no_grad()
+    @no_grad
     def start(self, request: DiTRequest) -> Sampling:
         """A job's initial state: seeded noise (one generator per output) and its own scheduler. Its LoRA adapter is
         loaded now, so that a missing or bad one fails this job alone (`models.lora.AdapterError`)."""
+        import torch
         from diffusers import FlowMatchEulerDiscreteScheduler
         from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer
         from diffusers.utils.torch_utils import randn_tensor
@@ -202,7 +204,7 @@ class DiTEngine:
                         non_cover=tensor(c.non_cover_hidden_states) if blend else None, scheduler=scheduler,
                         momentum=MomentumBuffer(momentum=-0.75) if do_cfg else None)
 
-    @torch.no_grad()
+    @no_grad
     def step(self, states: list[Sampling]) -> None:
         """Advance every state by one Euler step with one forward pass. All states must share a `batch_key`."""
         from diffusers.guiders.adaptive_projected_guidance import normalized_guidance
@@ -244,6 +246,9 @@ class DiTEngine:
         latent padding in self-attention (within the sliding band on sliding layers), condition padding in
         cross-attention. Padded query positions compute garbage that is cut off; nothing reads them.
         """
+        import torch
+        import torch.nn.functional as F
+
         device, dtype = self.device, self.transformer.dtype
         frames = [r[0].shape[1] for r in rows]
         tokens = [r[2].shape[0] for r in rows]
@@ -294,6 +299,7 @@ class DiTEngine:
     def _padding_masks(self, frames: list[int], tokens: list[int]) -> PaddingMasks | None:
         """Masks for rows of `frames` latent frames and `tokens` condition tokens, padded to the longest; None when
         every row has the same lengths (diffusers' forward exactly as upstream runs it)."""
+        import torch
         from diffusers.models.transformers.ace_step_transformer import _create_4d_mask, _is_flash_attention_backend
 
         from models.dit_attention import PaddingMasks

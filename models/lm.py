@@ -44,26 +44,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import ConfigDict, Field, model_validator
-from torch.nn.utils.rnn import pad_sequence
 
 from models.lm_constraints import (AnswerConstraint, Codes, MetadataLimits, TokenTables, metadata_segments,
                                    understand_segments)
 from models.lm_prompts import (DURATION_RANGE, FIELD_ORDER, NO_USER_INPUT, PLANNING_FIELDS, LMMetadata, codes_prompt,
                                cot_prompt, extract_lyrics, format_cot, format_prompt, parse_lm_output, sample_prompt,
                                audio_code_token)
-from models.loading import CheckpointError, LoadOptions, _own_aligned_storage
+from models.loading import CheckpointError, LoadOptions, _own_aligned_storage, no_grad, torch_dtype
 from models.presets import FSQ_LEVELS, build_byte_tokenizer
 
-# transformers is imported where the engine uses it, not here: the request types and `LMConfig` are also what the
-# ingress, the driver and the app builder import, and transformers' models take seconds to import.
+# torch and transformers are imported where the engine uses them, not here: the request types and `LMConfig` are also
+# what the ingress, the driver and the app builder import, and those libraries take seconds to import.
 if TYPE_CHECKING:
+    import torch
     from transformers import Qwen3ForCausalLM
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Qwen's chat template, reduced to what the prompts use (system + user, then the open assistant turn).
 CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n"
                  "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -138,6 +136,7 @@ def build_lm_tokenizer(codebook_size: int = math.prod(FSQ_LEVELS)):
 
 def build_lm_preset(name: str, seed: int = 0) -> tuple[Qwen3ForCausalLM, Any]:
     """A preset's model (random weights, deterministic from `seed`) and tokenizer."""
+    import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     if name not in LM_PRESETS:
@@ -176,7 +175,7 @@ def load_lm(config: LMConfig) -> tuple[Qwen3ForCausalLM, Any]:
         except Exception as exc:  # a corrupt file: keep the cause
             raise CheckpointError(f"cannot load the LM from {str(root)!r}: {exc}") from exc
         _own_aligned_storage(model)
-    model.to(device=config.torch_device(), dtype=_DTYPES[config.dtype]).eval().requires_grad_(False)
+    model.to(device=config.torch_device(), dtype=torch_dtype(config.dtype)).eval().requires_grad_(False)
     logger.info("loaded LM %s in %.2f s", config.name, time.perf_counter() - start)
     return model, tokenizer
 
@@ -372,7 +371,7 @@ class LMEngine:
             raise ValueError("thinking needs a duration: give one, or let the LM choose it (use_cot_metas, "
                              "sample_mode or use_format)")
 
-    @torch.no_grad()
+    @no_grad
     def start(self, request: LMRequest) -> LMState:
         """A job's state, its first pass prepared (prompts tokenized; the prefill runs in its first `step`). A job
         with nothing to do is done at once."""
@@ -382,7 +381,7 @@ class LMEngine:
         self._advance_pass(state)
         return state
 
-    @torch.no_grad()
+    @no_grad
     def step(self, states: list[LMState]) -> None:
         """Write one token for every unfinished answer of every state: new answers are prefilled (alone), the others
         share one decode forward. A state whose last pass ends gets its `result`."""
@@ -483,6 +482,8 @@ class LMEngine:
                              for seed in seeds]
 
     def _answer(self, prompts: list[str], constraint: AnswerConstraint, seed: int, reserve: int) -> _Answer:
+        import torch
+
         rows = [_Sequence(ids=self.tokenizer.encode(p, add_special_tokens=False), reserve=reserve) for p in prompts]
         generator = torch.Generator(device=self.device).manual_seed(seed)
         return _Answer(rows=rows, constraint=constraint, generator=generator, prompt_length=len(rows[0].ids),
@@ -532,6 +533,7 @@ class LMEngine:
     def _choose(self, request: LMRequest, answer: _Answer, logits: list[torch.Tensor]) -> int | None:
         """The answer's next token from its rows' logits `(vocab,)`: CFG, the constraint's mask, then upstream's
         sampling order (repetition penalty, top-k, top-p, temperature) with the answer's own generator."""
+        import torch
         from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
 
         scores = logits[0].float()
@@ -561,6 +563,7 @@ class LMEngine:
 
     def _prefill(self, row: _Sequence) -> torch.Tensor:
         """Run a new row's prompt alone; keep its KV cache. Returns the logits `(vocab,)` of its first token."""
+        import torch
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
@@ -575,6 +578,8 @@ class LMEngine:
 
     def _decode(self, rows: list[_Sequence]) -> list[torch.Tensor]:
         """One forward over the rows' last tokens, their caches left-padded to the longest. Logits `(vocab,)` each."""
+        import torch
+        from torch.nn.utils.rnn import pad_sequence
         from transformers import DynamicCache
 
         lengths = torch.tensor([r.cached for r in rows], device=self.device)

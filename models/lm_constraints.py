@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Sequence
-
-import torch
+from typing import TYPE_CHECKING, Sequence
 
 from models.lm_prompts import (AUDIO_CODE, BPM_RANGE, VALID_KEYSCALES, VALID_LANGUAGES, VALID_TIME_SIGNATURES,
                                cot_timesignature)
+
+if TYPE_CHECKING:  # the tables are built with torch, in the LM engine; the request types are read without it
+    import torch
 
 _LINE_BREAK = re.compile(r"[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 _END_TOKENS = ("<|im_end|>", "<|endoftext|>")
@@ -50,6 +51,8 @@ class TokenTables:
     tokens). Ids are those of the model's logits (`vocab_size`, which may exceed the tokenizer's: padding rows)."""
 
     def __init__(self, tokenizer, vocab_size: int, device: torch.device):
+        import torch
+
         self.tokenizer, self.device = tokenizer, device
         size = len(tokenizer)
         texts = tokenizer.batch_decode([[i] for i in range(size)], skip_special_tokens=False)
@@ -104,6 +107,8 @@ class TokenTables:
         """Prefix tree over the values' tokens: token prefix -> allowed next tokens (the newline where complete)."""
         key = (name, tuple(values))
         if key not in self._tries:
+            import torch
+
             nodes: dict[tuple[int, ...], set[int]] = {}
             for value in values:
                 tokens = self.value_tokens(name, value) + [self.newline]
@@ -151,7 +156,7 @@ class Choice(Segment):
         if len(ids) == 1:
             return Allowed(forced=int(ids[0]))
         if self.greedy_first and not self.prefix:  # upstream: the language is the top-1 candidate, not sampled
-            return Allowed(forced=int(ids[torch.argmax(scores[ids])]))
+            return Allowed(forced=int(ids[scores[ids].argmax()]))
         return Allowed(ids=ids)
 
     def advance(self, token):
@@ -174,7 +179,7 @@ class Text(Segment):
     def allowed(self, scores):
         t = self.tables
         if self.at_line_start:
-            if self.multiline and self.count < self.max_tokens and bool(t.starts_indented[torch.argmax(scores)]):
+            if self.multiline and self.count < self.max_tokens and bool(t.starts_indented[scores.argmax()]):
                 self.at_line_start, self.continuing = False, True
                 return Allowed(ids=t.indent)
             self.done = True

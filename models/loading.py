@@ -6,18 +6,24 @@ missing or partial directory is a start-up error that names every missing part.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.presets import FSQ_LEVELS, PRESETS, build_preset, part_config
+
+# torch too is imported where it is used, not here: a simulated stage replica, the ingress and the driver read these
+# configs and never touch a tensor, and torch takes seconds to import on a busy CPU (a replica the autoscaler adds
+# waits for it).
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +51,26 @@ VARIANT_TASKS: dict[str, tuple[str, ...]] = {
     "sft": ("text2music", "cover", "repaint"),
     "base": ("text2music", "cover", "repaint", "lego", "extract", "complete"),
 }
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def no_grad(fn: Callable) -> Callable:
+    """`@torch.no_grad()`, importing torch at the first call instead of where the decorated function is defined."""
+
+    @functools.wraps(fn)
+    def without_grad(*args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return without_grad
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """`float32`, `bfloat16` or `float16` as a torch dtype."""
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 class CheckpointError(RuntimeError):
@@ -74,6 +99,8 @@ class LoadOptions(BaseModel):
     device: str = Field("auto", description="`auto` (cuda when available, else cpu), `cpu`, `cuda`, `cuda:N`.")
 
     def torch_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
@@ -173,7 +200,9 @@ def load_components(config: ModelConfig, parts: list[str]) -> dict[str, Any]:
                     components[part] = loader.from_pretrained(root, subfolder=part, local_files_only=True)
             except Exception as exc:  # a corrupt file: say which part, keep the cause
                 raise CheckpointError(f"cannot load {part} from {str(root)!r}: {exc}") from exc
-    device, dtype = config.torch_device(), _DTYPES[config.dtype]
+    import torch
+
+    device, dtype = config.torch_device(), torch_dtype(config.dtype)
     for module in components.values():
         if isinstance(module, torch.nn.Module):
             module.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -191,6 +220,8 @@ def _own_aligned_storage(module: torch.nn.Module) -> None:
     last bits from a preset built in memory (4.8e-7 on the tiny DiT's latents). A copy is aligned like any other
     allocation, so a checkpoint and the preset it was saved from compute bit-identically.
     """
+    import torch
+
     with torch.no_grad():
         for tensor in (*module.parameters(), *module.buffers()):
             if tensor.device.type == "cpu":

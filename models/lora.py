@@ -29,9 +29,10 @@ import time
 import warnings
 from collections import OrderedDict, defaultdict
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+if TYPE_CHECKING:  # imported where tensors are, not with the module: the ingress lists adapters without torch
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +174,8 @@ def _fold_peft_scaling(state_dict: dict[str, torch.Tensor], config) -> dict[str,
 def check_fits(transformer: torch.nn.Module, name: str, state_dict: dict[str, torch.Tensor]) -> None:
     """`AdapterLoadError` unless every weight is a lora_A / lora_B pair of a `Linear` of this transformer, with its
     shapes and finite values: checked before injecting, so a bad adapter never touches the model."""
+    import torch
+
     layers: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, tensor in state_dict.items():
         module, sep, part = key.rpartition(".lora_")
@@ -283,6 +286,7 @@ def write_random_adapter(transformer_or_preset: torch.nn.Module | str, path: str
     LoRA config (r, lora_alpha) in its header. "peft": ACE-Step's own layout, `adapter_model.safetensors` with its
     module names plus peft's `adapter_config.json`. Same seed, same weights: both layouts give the same output.
     """
+    import torch
     from diffusers.loaders import AceStepLoraLoaderMixin
     from peft import LoraConfig
     from safetensors.torch import save_file

@@ -22,8 +22,6 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 if TYPE_CHECKING:
     from diffusers import AutoencoderOobleck
     from diffusers.pipelines.ace_step import AceStepConditionEncoder
@@ -141,6 +139,7 @@ def build_preset(name: str, seed: int = 0) -> dict[str, Any]:
     """Instantiate a preset's component set with random weights, deterministically from `seed`."""
     # Imported here, not at the top: the configs above are read by processes that never build a model (the ingress,
     # the driver, a simulated stage), and diffusers + transformers take seconds to import.
+    import torch
     from diffusers import AutoencoderOobleck, FlowMatchEulerDiscreteScheduler
     from diffusers.models.transformers.ace_step_transformer import AceStepTransformer1DModel
     from diffusers.pipelines.ace_step import AceStepConditionEncoder
@@ -179,7 +178,6 @@ def build_preset(name: str, seed: int = 0) -> dict[str, Any]:
     return components
 
 
-@torch.no_grad()
 def _fill_silence_latent(condition_encoder: AceStepConditionEncoder, vae: AutoencoderOobleck) -> None:
     """Write the VAE encoding of digital silence into `condition_encoder.silence_latent`.
 
@@ -187,8 +185,11 @@ def _fill_silence_latent(condition_encoder: AceStepConditionEncoder, vae: Autoen
     text2music source latents are fed a latent no VAE produces. Silence is stationary, so one interior frame of a short
     encoded clip, repeated, is the encoding of long silence (the Oobleck encoder is convolutional).
     """
+    import torch
+
     hop = math.prod(vae.config.downsampling_ratios)
     clip = torch.zeros(1, vae.config.audio_channels, 16 * hop)  # 16 frames: the middle one is clear of edge effects
-    frame = vae.encode(clip).latent_dist.mode()[:, :, 8]  # (1, latent_channels)
-    buffer = condition_encoder.silence_latent
-    buffer.copy_(frame[:, None, :].expand_as(buffer))
+    with torch.no_grad():
+        frame = vae.encode(clip).latent_dist.mode()[:, :, 8]  # (1, latent_channels)
+        buffer = condition_encoder.silence_latent
+        buffer.copy_(frame[:, None, :].expand_as(buffer))

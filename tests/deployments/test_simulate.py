@@ -68,11 +68,12 @@ def test_the_shipped_cost_files_load_and_the_ideal_follows_the_formula():
 
 
 def test_no_model_code_where_no_model_is_built():
-    """diffusers, transformers and peft are imported only where an engine builds its network: a simulated stage
-    replica, the ingress, the driver and the registry start without them (seconds of imports on a busy CPU, which
-    delayed the replicas the autoscaler adds)."""
+    """torch, diffusers, transformers and peft are imported only where an engine builds its network or computes: a
+    simulated stage replica, the ingress, the driver and the registry start without them (seconds of imports on a
+    busy CPU, which delayed the replicas the autoscaler adds)."""
     code = ("import sys, deployments.app, deployments.simulate, jobs.registry; "
-            "print(sorted(m for m in ('diffusers', 'transformers', 'peft', 'tokenizers') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'torchaudio', 'diffusers', 'transformers', 'peft', 'tokenizers') "
+            "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
