@@ -20,10 +20,10 @@ the plain `a + b x rows x frames`.
   it never pads); per encode of input audio: 1 x the input's frames (the `encode` costs, else the decode costs).
 
 Outputs are zeros of the real shapes (conditions, latents, audio); the AudioCodec still encodes and writes the
-(silent) files, a real CPU cost of its host that the simulation keeps. No weights are built or loaded; a simulated
-replica imports torch through the real stage modules (see `replica_rss_mib` in the report), but not diffusers,
-transformers or peft: the model modules import those only where an engine builds its network, so a replica that the
-autoscaler adds starts in the time Ray and Serve take, not the seconds of model code a real replica imports too.
+(silent) files, a real CPU cost of its host that the simulation keeps. No weights are built or loaded, and a
+simulated replica imports neither torch nor diffusers, transformers or peft: the model modules import those only
+where an engine builds its network or computes, so a replica that the autoscaler adds starts in the time Ray and
+Serve take, not the seconds of model code a real replica imports too.
 
 The mode exists only in the benchmark: `build_graph(..., simulate=costs)` is a Python-only parameter that `build_app`
 (serve_config.yaml, `serve run`) never passes, and `build_app` refuses a config that asks for it.
