@@ -145,12 +145,41 @@ def test_padding_never_leaks_between_rows(engine):
     for row, token in zip(rows, (7, 8, 9)):
         engine._prefill(row)
         row.ids.append(token)
-    for _ in range(3):  # three decode steps, the cache growing past its reserve on none of them
-        batched = engine._decode(rows)
-        for row, logits in zip(rows, batched):
+    late = _Sequence(ids=list(range(600, 615)), reserve=2)
+    engine._prefill(late)
+    late.ids.append(10)
+    # Three steps of the three rows, then a fourth joins (its prefill cache and the others' batch buffer are copied
+    # into a new one), the longest leaves, and the rest decode 70 steps: past the room of the buffer (64 positions at
+    # least), so it is built a third time.
+    for live in [rows] * 3 + [rows + [late]] * 2 + [rows[:2] + [late]] * 70:
+        batched = engine._decode(live)
+        for row, logits in zip(live, batched):
             alone = engine.model(input_ids=torch.tensor([row.ids])).logits[0, -1]
-            torch.testing.assert_close(logits, alone, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(logits, alone, rtol=1e-4, atol=1e-4)
             row.ids.append(int(logits.argmax()))
+
+
+def test_decode_steps_write_one_buffer_in_place(engine):
+    """While the rows stay the same, a step writes the new position into the batch buffer of the step before: no
+    copy of the caches per token, no new buffer."""
+    from models.lm import _Sequence
+
+    rows = [_Sequence(ids=list(range(300, 310 + 5 * i)), reserve=8) for i in range(3)]
+    for row in rows:
+        engine._prefill(row)
+        row.ids.append(7)
+    def step() -> None:
+        for row, logits in zip(rows, engine._decode(rows)):
+            row.ids.append(int(logits.argmax()))
+
+    step()
+    batch = engine._batch
+    pointer = batch.buffer.data_ptr()
+    for _ in range(5):
+        step()
+    assert engine._batch is batch and batch.buffer.data_ptr() == pointer
+    assert [r.keys_values().shape[3] for r in rows] == [len(r.ids) - 1 for r in rows]
+    assert all(r.keys_values().data_ptr() >= pointer for r in rows)  # views into the buffer
 
 
 def test_cfg_adds_an_unconditional_row_and_changes_the_codes(engine):
