@@ -23,6 +23,8 @@ measures:
              the options above: one --seconds song alone end to end over HTTP, then --http-jobs jobs of mixed lengths
              at --http-concurrency (`deployments.bench.drive`), and the peak GPU memory of all processes
              (nvidia-smi). In a subprocess stopped past --http-budget-s (within --total-budget-s of the start).
+             With --http-lm PRESET the app also has a LanguageModel stage, and the song and the load run again
+             with `thinking` on: the LM writes each job's metadata, caption and codes before its DiT.
 
 plus `torch.cuda.max_memory_allocated` per phase and overall. Every phase records its error and the next one runs.
 Prints readable lines, then one `GPU_JSON {...}` line; with --out, writes the same JSON to DIR/gpu_check.json after
@@ -59,6 +61,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 LATENTS_PER_SECOND = 25  # 48 kHz / 1920-sample hop (every preset keeps it)
+LM_CAPTION_TOKENS = 128  # --http-lm: a random-weight LM writes captions up to the limit; a real one writes fewer
 CAPTIONS = ["lofi hip hop, mellow piano, vinyl crackle",
             "upbeat synth pop with a driving bassline and bright female vocals",
             "acoustic guitar ballad, warm and intimate male vocals, slow tempo",
@@ -797,7 +800,8 @@ def phase_http(check: Check) -> dict:
                "--dtype", args.dtype, "--seconds", str(args.seconds), "--device", args.device,
                "--http-jobs", str(args.http_jobs), "--http-concurrency", str(args.http_concurrency),
                "--http-durations", ",".join(str(d) for d in _http_durations(args)),
-               "--http-budget-s", str(budget - 25)]  # the worker's own deadline: room to shut Ray down
+               "--http-budget-s", str(budget - 25),  # the worker's own deadline: room to shut Ray down
+               *(["--http-lm", args.http_lm] if args.http_lm else [])]
     begin, grace = time.perf_counter(), 20
     import tempfile
 
@@ -905,8 +909,15 @@ def http_worker(args: argparse.Namespace) -> int:
                     "files": {"output_dir": str(work / "results"), "upload_dir": str(work / "uploads"),
                               "journal_path": None}}
         options = _stage_options(8, frames, "step")
+        shares = {"ConditionEncoder": 0.25, "DiT": 0.5, "AudioCodec": 0.25}
+        if args.http_lm:  # the 5 Hz LM stage too: thinking jobs plan their song on it (continuous batching)
+            app_args["lm"] = {"preset": args.http_lm, "dtype": args.dtype, "device": args.device,
+                              "max_caption_tokens": LM_CAPTION_TOKENS}
+            options["LanguageModel"] = {"num_replicas": 1, "max_ongoing_requests": 64,
+                                        "ray_actor_options": {"num_cpus": 0}, "user_config": {"max_batch_size": 16}}
+            shares = {"LanguageModel": 0.2, "ConditionEncoder": 0.2, "DiT": 0.4, "AudioCodec": 0.2}
         if cuda:  # what each stage asks of the one GPU (Ray then also sets the replica's CUDA_VISIBLE_DEVICES)
-            for name, share in (("ConditionEncoder", 0.25), ("DiT", 0.5), ("AudioCodec", 0.25)):
+            for name, share in shares.items():
                 options[name] = {**options[name], "ray_actor_options": {**options[name]["ray_actor_options"],
                                                                         "num_gpus": share}}
         out["stage_options"] = options
@@ -934,7 +945,8 @@ def http_worker(args: argparse.Namespace) -> int:
             try:
                 stats = httpx.get(url + "/v1/stats", timeout=5).json()
                 slots = {k: v["slots"] for k, v in stats.get("stages", {}).items()}
-                if slots.get("dit") == 16 and slots.get("codec") == 4:  # the DiT's: a round of 2 x max_batch_size
+                if (slots.get("dit") == 16 and slots.get("codec") == 4  # the DiT's: a round of 2 x max_batch_size
+                        and (not args.http_lm or slots.get("lm") == 16)):
                     break
             except (httpx.HTTPError, ValueError):
                 pass
@@ -945,16 +957,31 @@ def http_worker(args: argparse.Namespace) -> int:
         log(f"app up in {out['startup_s']:.1f} s")
         emit()
         # Warm-up: a short job through every hop (first HTTP request, first decode of a new length, ...).
-        warm = run_jobs("warmup", job_mix(1, [min(10.0, args.seconds)], 8, 1, "wav"), 1, 0.05)
+        def mix(count: int, seconds: list[float], thinking: bool = False) -> list[dict]:
+            """Jobs without `thinking` skip an LM stage (`use_cot_*` off): the same runs as with none."""
+            fields = ({"thinking": True} if thinking else
+                      dict.fromkeys(("use_cot_metas", "use_cot_caption", "use_cot_language"), False))
+            return [{**job, **fields} for job in job_mix(count, seconds, 8, 1, "wav")]
+
+        warm = run_jobs("warmup", mix(1, [min(10.0, args.seconds)]), 1, 0.05)
         out["warmup_s"] = warm["seconds"] if warm else None
-        song = run_jobs("song", job_mix(1, [args.seconds], 8, 1, "wav"), 1, 0.05)
+        song = run_jobs("song", mix(1, [args.seconds]), 1, 0.05)
         if song:
             out["song"] = song
         emit()
-        load = run_jobs("load", job_mix(args.http_jobs, durations, 8, 1, "wav"), args.http_concurrency, 0.5)
+        load = run_jobs("load", mix(args.http_jobs, durations), args.http_concurrency, 0.5)
         if load:
             out["load"] = load
         emit()
+        if args.http_lm:  # the same song and load with `thinking`: the LM writes metadata, caption and codes first
+            song = run_jobs("lm_song", mix(1, [args.seconds], thinking=True), 1, 0.05)
+            if song:
+                out["lm_song"] = song
+            emit()
+            load = run_jobs("lm_load", mix(args.http_jobs, durations, thinking=True), args.http_concurrency, 0.5)
+            if load:
+                out["lm_load"] = load
+            emit()
     except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt (SIGTERM) included: report, then shut down
         out["errors"]["app"] = f"{type(exc).__name__}: {exc}"[:1500]
         traceback.print_exc(limit=8)
@@ -1015,15 +1042,17 @@ def summary(result: dict) -> str:
                      f"{h.get('startup_s') or float('nan'):.0f} s"
                      + (f"; peak GPU memory used {mib / 1024:.2f} GiB (nvidia-smi, all processes; "
                         f"{(h.get('gpu_used_before_mib') or 0) / 1024:.2f} GiB before the app)" if mib else ""))
-        if "song" in h:
-            song = h["song"]
-            lines.append(f"http {h['song_s']:g} s song alone: {song['seconds']:.2f} s end to end; stage medians "
-                         + " ".join(f"{k} {v:.2f}" for k, v in song["stage_median_s"].items()))
-        if "load" in h:
-            load = h["load"]
-            lines.append(f"http load {load['jobs']} jobs ({h['load_durations_s']} s) at concurrency "
-                         f"{h['concurrency']}: {load['seconds']:.1f} s, {load['jobs_per_s']:.3f} jobs/s, p50 "
-                         f"{load['p50_s']:.1f} s, p95 {load['p95_s']:.1f} s")
+        for prefix, label in (("", "http"), ("lm_", "http thinking")):
+            if prefix + "song" in h:
+                song = h[prefix + "song"]
+                lines.append(f"{label} {h['song_s']:g} s song alone: {song['seconds']:.2f} s end to end; stage "
+                             "medians " + " ".join(f"{k} {v:.2f}" for k, v in song["stage_median_s"].items())
+                             + (f"; {song['lm_tokens_median']:.0f} LM tokens" if "lm_tokens_median" in song else ""))
+            if prefix + "load" in h:
+                load = h[prefix + "load"]
+                lines.append(f"{label} load {load['jobs']} jobs ({h['load_durations_s']} s) at concurrency "
+                             f"{h['concurrency']}: {load['seconds']:.1f} s, {load['jobs_per_s']:.3f} jobs/s, p50 "
+                             f"{load['p50_s']:.1f} s, p95 {load['p95_s']:.1f} s")
     mem = result.get("memory", {})
     if "overall_peak_allocated_gib" in mem:
         lines.append(f"peak allocated overall {mem['overall_peak_allocated_gib']:.2f} GiB; per phase: " + ", ".join(
@@ -1052,6 +1081,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--http", action=argparse.BooleanOptionalAction, default=None,
                         help="last, the real app (Ray + Serve) on --device over HTTP: one --seconds song alone, then "
                         "--http-jobs jobs at --http-concurrency (default: on with cuda, off on the CPU)")
+    parser.add_argument("--http-lm", default="", help="an LM preset (e.g. 0.6B): the app gets a LanguageModel stage "
+                        f"(captions of at most {LM_CAPTION_TOKENS} tokens) and runs the song and the load again with "
+                        "`thinking` on")
     parser.add_argument("--http-jobs", type=int, default=16)
     parser.add_argument("--http-concurrency", type=int, default=16)
     parser.add_argument("--http-durations", default="", help="seconds, cycled over the load jobs (default: --seconds "

@@ -188,7 +188,8 @@ async def drive(url: str, jobs: list[dict], concurrency: int, poll_s: float = 0.
                 raise RuntimeError(f"job {job_id} {view['status']}: {view['error']}")
             timeline = view["result"]["timeline"]
             record = {"index": index, "latency": time.time() - submitted, "stages": view["result"]["stage_seconds"],
-                      "finished": time.time(), "gaps": timeline_gaps(timeline), "ray_calls": timeline["ray_calls"]}
+                      "finished": time.time(), "gaps": timeline_gaps(timeline), "ray_calls": timeline["ray_calls"],
+                      "lm_tokens": view["result"].get("lm", {}).get("tokens")}
             polled, first_view = first
             if first_view["status"] == "queued" and first_view["eta_seconds"]:
                 record["eta"] = (first_view["eta_seconds"], view["started_at"] - polled,
@@ -203,7 +204,8 @@ async def drive(url: str, jobs: list[dict], concurrency: int, poll_s: float = 0.
     pairs = [r["eta"] for r in records if "eta" in r and r["eta"][1] > 0]
     etas = [abs(predicted - actual) / actual for predicted, actual, *_ in pairs]
     stages = {name: statistics.median(r["stages"].get(name, 0.0) for r in records)
-              for name in ("condition", "diffusion", "decode")}
+              for name in ("lm", "condition", "diffusion", "decode")
+              if name != "lm" or any("lm" in r["stages"] for r in records)}
     ray_calls = _medians([r["ray_calls"] for r in records])
     return {"jobs": len(records), "seconds": elapsed, "jobs_per_s": len(records) / elapsed,
             "p50_s": _quantile(latencies, 0.5), "p95_s": _quantile(latencies, 0.95),
@@ -213,6 +215,8 @@ async def drive(url: str, jobs: list[dict], concurrency: int, poll_s: float = 0.
             "eta_predicted_vs_actual_median_s": [statistics.median(p[0] for p in pairs),
                                                  statistics.median(p[1] for p in pairs)] if pairs else None,
             "stage_median_s": stages, "timeline_median_s": _medians([r["gaps"] for r in records]),
+            **({"lm_tokens_median": statistics.median(t)} if (t := [r["lm_tokens"] for r in records
+                                                                    if r["lm_tokens"]]) else {}),
             "ray_calls_per_job_median": {**ray_calls, "total": sum(ray_calls.values())}}
 
 
