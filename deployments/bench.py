@@ -302,15 +302,20 @@ def main(argv: list[str] | None = None) -> int:
                                "format": args.format, "threads": threads}
     memory = MemorySampler()
 
-    # 1. Upstream's policy, in this process, before Ray starts: one job at a time.
-    print(f"[bench] sequential AceStepPipeline, {args.sequential_jobs or args.jobs} jobs ...", file=sys.stderr)
-    baseline = SequentialBaseline(args.preset, work, args.dtype)
-    sequential = baseline.run(jobs[: args.sequential_jobs or args.jobs], os.cpu_count())
-    results["sequential_jobs_per_s"] = len(sequential) / sum(sequential)
-    results["pipeline_latency_s"] = statistics.median(baseline.run([jobs[0]] * 3, os.cpu_count()))
-    # The same, on the threads one stage gets: what the serving path adds, apart from the thread count.
-    results["pipeline_latency_stage_threads_s"] = statistics.median(baseline.run([jobs[0]] * 3, threads or 1))
-    del baseline
+    def measure_baseline(when: str) -> dict[str, float]:
+        """Upstream's policy, in this process, with no Ray running: one job at a time."""
+        print(f"[bench] sequential AceStepPipeline ({when}), {args.sequential_jobs or args.jobs} jobs ...",
+              file=sys.stderr)
+        baseline = SequentialBaseline(args.preset, work, args.dtype)
+        sequential = baseline.run(jobs[: args.sequential_jobs or args.jobs], os.cpu_count())
+        return {"sequential_jobs_per_s": len(sequential) / sum(sequential),
+                "pipeline_latency_s": statistics.median(baseline.run([jobs[0]] * 3, os.cpu_count())),
+                # The same, on the threads one stage gets: what the serving path adds, apart from the thread count.
+                "pipeline_latency_stage_threads_s": statistics.median(baseline.run([jobs[0]] * 3, threads or 1))}
+
+    # 1. The baseline before Ray starts; again after it stops (below), and the ratios use the mean of the two: this
+    # box's speed drifts within a run, and a baseline on one side of the served phases only would carry that drift.
+    baseline_before = measure_baseline("before the app")
 
     port = _free_port()
     # Ray renices its workers to 15; the baseline above ran at 0. At 15 the replicas (a 2-thread torch team on 2 cores
@@ -375,11 +380,19 @@ def main(argv: list[str] | None = None) -> int:
             phases[name]["busy"] = _busy(before, (time.time(), httpx.get(url + "/v1/stats", timeout=10).json()[
                 "stages"]), phases[name]["seconds"])
         results["phases"] = phases
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     finally:
         serve.shutdown()
         ray.shutdown()
         results["peak_rss_mib"] = round(memory.stop())
+    try:
+        baseline_after = measure_baseline("after the app")
+    finally:
         shutil.rmtree(work, ignore_errors=True)  # every phase's audio files: hundreds of MB
+    pairs = {key: [baseline_before[key], baseline_after[key]] for key in baseline_before}
+    results.update({key: (first + second) / 2 for key, (first, second) in pairs.items()}, baseline_before_after=pairs)
 
     best = max(("step", "request"), key=lambda name: phases[name]["jobs_per_s"])
     results.update({
@@ -412,6 +425,9 @@ def render(r: dict[str, Any]) -> str:
     lines.append(f"{'sequential AceStepPipeline':<28}{r['sequential_jobs_per_s']:>8.3f}"
                  f"{r['pipeline_latency_s']:>8.2f}{'':>8}{'':>9}  (single job, in process, all cores; "
                  f"{r['pipeline_latency_stage_threads_s']:.2f} s on a stage's threads)")
+    drift = r["baseline_before_after"]
+    lines.append(f"{'':<28}(the mean of two runs, before the app / after it: "
+                 + ", ".join(f"{key} {a:.3f} / {b:.3f}" for key, (a, b) in drift.items()) + ")")
     for name, p in r["phases"].items():
         eta = f"{p['eta_error_median']:.3f}" if p["eta_error_median"] is not None else "-"
         stages = " ".join(f"{k} {v:.2f}" for k, v in p["stage_median_s"].items())
