@@ -956,13 +956,13 @@ def http_worker(args: argparse.Namespace) -> int:
         out["startup_s"] = time.perf_counter() - begin
         log(f"app up in {out['startup_s']:.1f} s")
         emit()
-        # Warm-up: a short job through every hop (first HTTP request, first decode of a new length, ...).
         def mix(count: int, seconds: list[float], thinking: bool = False) -> list[dict]:
             """Jobs without `thinking` skip an LM stage (`use_cot_*` off): the same runs as with none."""
             fields = ({"thinking": True} if thinking else
                       dict.fromkeys(("use_cot_metas", "use_cot_caption", "use_cot_language"), False))
             return [{**job, **fields} for job in job_mix(count, seconds, 8, 1, "wav")]
 
+        # Warm-up: a short job through every hop (first HTTP request, first decode of a new length, ...).
         warm = run_jobs("warmup", mix(1, [min(10.0, args.seconds)]), 1, 0.05)
         out["warmup_s"] = warm["seconds"] if warm else None
         song = run_jobs("song", mix(1, [args.seconds]), 1, 0.05)
