@@ -665,8 +665,12 @@ class LMEngine:
         mask = (torch.arange(batch.end + 1, device=self.device)[None] >= batch.start_positions[:, None]).long()
         input_ids = torch.tensor([[r.ids[-1]] for r in rows], device=self.device)
         positions = (batch.end - batch.start_positions)[:, None]  # each row's own: its cached length
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=batch.cache,
-                         use_cache=True, logits_to_keep=1)
+        try:
+            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=batch.cache,
+                             use_cache=True, logits_to_keep=1)
+        except BaseException:  # some layers may have written this position: the next step builds a new buffer
+            self._batch = None
+            raise
         batch.end += 1
         for r in rows:
             r.cached += 1

@@ -182,6 +182,33 @@ def test_decode_steps_write_one_buffer_in_place(engine):
     assert all(r.keys_values().data_ptr() >= pointer for r in rows)  # views into the buffer
 
 
+def test_a_decode_step_that_fails_part_way_leaves_the_rows_as_they_were(engine, monkeypatch):
+    """A forward that raises after some layers wrote their keys (an out-of-memory error, say): the next step builds a
+    new buffer from the rows' caches, so their logits are still those of their own full forward."""
+    from models.lm import _Sequence
+
+    rows = [_Sequence(ids=list(range(300, 312))), _Sequence(ids=list(range(400, 420)))]
+    for row in rows:
+        engine._prefill(row)
+        row.ids.append(7)
+    engine._decode(rows)
+    for row in rows:
+        row.ids.append(8)
+    layers = engine.model.model.layers
+    broken = layers[len(layers) // 2]
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(broken, "forward", fail)
+    with pytest.raises(RuntimeError, match="simulated"):
+        engine._decode(rows)
+    monkeypatch.undo()
+    for row, logits in zip(rows, engine._decode(rows)):
+        alone = engine.model(input_ids=torch.tensor([row.ids])).logits[0, -1]
+        torch.testing.assert_close(logits, alone, rtol=1e-4, atol=1e-4)
+
+
 def test_cfg_adds_an_unconditional_row_and_changes_the_codes(engine):
     # Greedy decoding: the random tiny weights give nearly flat distributions, which sampling would hide.
     base = dict(caption="piano", bpm=100, keyscale="A minor", timesignature="4", duration=2.0, thinking=True,
