@@ -136,18 +136,21 @@ def test_same_seed_same_output_alone_and_batched_with_jobs_joining_midway(engine
     assert first.result.codes == engine.generate([long_prompt])[0].codes
 
 
-def test_padding_never_leaks_between_rows(engine):
-    """Rows of different lengths decoded in one left-padded forward get the logits of their own full forward."""
+def prefilled(engine: LMEngine, prompts: list[range], tokens: list[int], reserve: int = 64) -> list:
+    """Rows prefilled from `prompts`, each with its first token (`tokens`) written: ready to decode."""
     from models.lm import _Sequence
 
-    prompts = [list(range(300, 310)), list(range(400, 437)), list(range(500, 523))]
-    rows = [_Sequence(ids=ids) for ids in prompts]
-    for row, token in zip(rows, (7, 8, 9)):
+    rows = [_Sequence(ids=list(prompt), reserve=reserve) for prompt in prompts]
+    for row, token in zip(rows, tokens):
         engine._prefill(row)
         row.ids.append(token)
-    late = _Sequence(ids=list(range(600, 615)), reserve=2)
-    engine._prefill(late)
-    late.ids.append(10)
+    return rows
+
+
+def test_padding_never_leaks_between_rows(engine):
+    """Rows of different lengths decoded in one left-padded forward get the logits of their own full forward."""
+    rows = prefilled(engine, [range(300, 310), range(400, 437), range(500, 523)], [7, 8, 9])
+    [late] = prefilled(engine, [range(600, 615)], [10], reserve=2)
     # Three steps of the three rows, then a fourth joins (its prefill cache and the others' batch buffer are copied
     # into a new one), the longest leaves, and the rest decode 70 steps: past the room of the buffer (64 positions at
     # least), so it is built a third time.
@@ -162,12 +165,8 @@ def test_padding_never_leaks_between_rows(engine):
 def test_decode_steps_write_one_buffer_in_place(engine):
     """While the rows stay the same, a step writes the new position into the batch buffer of the step before: no
     copy of the caches per token, no new buffer."""
-    from models.lm import _Sequence
+    rows = prefilled(engine, [range(300, 310 + 5 * i) for i in range(3)], [7, 7, 7], reserve=8)
 
-    rows = [_Sequence(ids=list(range(300, 310 + 5 * i)), reserve=8) for i in range(3)]
-    for row in rows:
-        engine._prefill(row)
-        row.ids.append(7)
     def step() -> None:
         for row, logits in zip(rows, engine._decode(rows)):
             row.ids.append(int(logits.argmax()))
@@ -179,18 +178,13 @@ def test_decode_steps_write_one_buffer_in_place(engine):
         step()
     assert engine._batch is batch and batch.buffer.data_ptr() == pointer
     assert [r.keys_values().shape[3] for r in rows] == [len(r.ids) - 1 for r in rows]
-    assert all(r.keys_values().data_ptr() >= pointer for r in rows)  # views into the buffer
+    assert all(r.batch is batch and r.keys_values().data_ptr() >= pointer for r in rows)  # views into the buffer
 
 
 def test_a_decode_step_that_fails_part_way_leaves_the_rows_as_they_were(engine, monkeypatch):
     """A forward that raises after some layers wrote their keys (an out-of-memory error, say): the next step builds a
     new buffer from the rows' caches, so their logits are still those of their own full forward."""
-    from models.lm import _Sequence
-
-    rows = [_Sequence(ids=list(range(300, 312))), _Sequence(ids=list(range(400, 420)))]
-    for row in rows:
-        engine._prefill(row)
-        row.ids.append(7)
+    rows = prefilled(engine, [range(300, 312), range(400, 420)], [7, 7])
     engine._decode(rows)
     for row in rows:
         row.ids.append(8)
