@@ -353,44 +353,42 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.5)
         raise TimeoutError("the bench app did not come up")
 
-    try:
-        print("[bench] starting the app ...", file=sys.stderr)
-        deploy(args.max_batch_size, "step")
-        asyncio.run(drive(url, jobs[:4], 4))  # warm-up: first requests through every hop
-        # 2. One job alone, end to end, followed by long-polls.
-        alone = [asyncio.run(drive(url, [jobs[0]], 1)) for _ in range(3)]
-        results["served_latency_s"] = statistics.median(run["seconds"] for run in alone)
-        results["timeline_single_job_s"] = _medians([run["timeline_median_s"] for run in alone])
-        # A short load before the measured ones, as a service in use has always had: what the ETA reads (the DiT's
-        # pass cost fit, the decoder's seconds per job) then comes from a loaded pipeline, not only from the jobs
-        # above, run alone. On this 2-core box a job's DiT engine time under load was 1.5x and its decode about 2x the
-        # time alone (the stages share the cores), which made the first-look ETAs of a burst 20-30 % short.
-        asyncio.run(drive(url, jobs[:8], 8))
-        # 3. Load, three ways, same replicas.
-        phases = {}
-        for name, batch, scheduling in (("step", args.max_batch_size, "step"),
-                                        ("request", args.max_batch_size, "request"), ("unbatched", 1, "step")):
-            print(f"[bench] load phase {name} ...", file=sys.stderr)
-            deploy(batch, scheduling)
-            before = (time.time(), httpx.get(url + "/v1/stats", timeout=10).json()["stages"])
-            cpu = CpuMeter()
-            phases[name] = asyncio.run(drive(url, jobs, args.concurrency, args.poll_s))
-            phases[name]["cpu"] = cpu.stop()
-            time.sleep(1.5)  # the stages' last load reports (every second) reach the registry
-            phases[name]["busy"] = _busy(before, (time.time(), httpx.get(url + "/v1/stats", timeout=10).json()[
-                "stages"]), phases[name]["seconds"])
-        results["phases"] = phases
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        results["peak_rss_mib"] = round(memory.stop())
-    try:
+    try:  # every phase's audio files are removed at the end: hundreds of MB
+        try:
+            print("[bench] starting the app ...", file=sys.stderr)
+            deploy(args.max_batch_size, "step")
+            asyncio.run(drive(url, jobs[:4], 4))  # warm-up: first requests through every hop
+            # 2. One job alone, end to end, followed by long-polls.
+            alone = [asyncio.run(drive(url, [jobs[0]], 1)) for _ in range(3)]
+            results["served_latency_s"] = statistics.median(run["seconds"] for run in alone)
+            results["timeline_single_job_s"] = _medians([run["timeline_median_s"] for run in alone])
+            # A short load before the measured ones, as a service in use has always had: what the ETA reads (the
+            # DiT's pass cost fit, the decoder's seconds per job) then comes from a loaded pipeline, not only from the
+            # jobs above, run alone. On this 2-core box a job's DiT engine time under load was 1.5x and its decode
+            # about 2x the time alone (the stages share the cores), which made the first-look ETAs of a burst 20-30 %
+            # short.
+            asyncio.run(drive(url, jobs[:8], 8))
+            # 3. Load, three ways, same replicas.
+            phases = {}
+            for name, batch, scheduling in (("step", args.max_batch_size, "step"),
+                                            ("request", args.max_batch_size, "request"), ("unbatched", 1, "step")):
+                print(f"[bench] load phase {name} ...", file=sys.stderr)
+                deploy(batch, scheduling)
+                before = (time.time(), httpx.get(url + "/v1/stats", timeout=10).json()["stages"])
+                cpu = CpuMeter()
+                phases[name] = asyncio.run(drive(url, jobs, args.concurrency, args.poll_s))
+                phases[name]["cpu"] = cpu.stop()
+                time.sleep(1.5)  # the stages' last load reports (every second) reach the registry
+                phases[name]["busy"] = _busy(before, (time.time(), httpx.get(url + "/v1/stats", timeout=10).json()[
+                    "stages"]), phases[name]["seconds"])
+            results["phases"] = phases
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+            results["peak_rss_mib"] = round(memory.stop())
         baseline_after = measure_baseline("after the app")
     finally:
-        shutil.rmtree(work, ignore_errors=True)  # every phase's audio files: hundreds of MB
+        shutil.rmtree(work, ignore_errors=True)
     pairs = {key: [baseline_before[key], baseline_after[key]] for key in baseline_before}
     results.update({key: (first + second) / 2 for key, (first, second) in pairs.items()}, baseline_before_after=pairs)
 
